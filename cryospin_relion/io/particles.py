@@ -1,0 +1,80 @@
+"""The particle table: one in-memory view of RELION or cryoSPARC particle metadata.
+
+Every adapter converts to this table at the edge, so nothing downstream knows
+about Euler angles, rotation vectors or pixel origins:
+
+- rotations: RELION's matrix A (volume coordinates -> image coordinates), (N, 3, 3)
+- shifts_A: RELION's origin (rlnOriginXAngst, rlnOriginYAngst) in Angstrom, (N, 2);
+  the particle image is the centred projection shifted by *minus* this origin.
+- ctf: RELION's CTF parameters per particle (defocus in A, angle in degrees).
+- images: stack path (resolved) + 0-based index per particle.
+
+``raw`` keeps the source table (pandas DataFrames for STAR, a
+``cryosparc.dataset.Dataset`` for .cs) so writers can pass every original
+column through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class CTFParams:
+    """Per-particle CTF parameters in RELION units, arrays of shape (N,)."""
+
+    defocus_u: np.ndarray  # A
+    defocus_v: np.ndarray  # A
+    defocus_angle: np.ndarray  # degrees, astigmatism angle from x
+    voltage: np.ndarray  # kV
+    cs: np.ndarray  # mm
+    amp_contrast: np.ndarray  # fraction
+    phase_shift: np.ndarray  # degrees
+    bfactor: np.ndarray  # A^2 (0 = no envelope)
+    scale: np.ndarray  # rlnCtfScalefactor (1 by default)
+
+    def subset(self, idx: np.ndarray) -> "CTFParams":
+        return CTFParams(**{k: np.asarray(v)[idx] for k, v in self.__dict__.items()})
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ParticleTable:
+    """Particle metadata, converted to RELION's conventions (see docs/conventions.md)."""
+
+    source_file: str  # the STAR or .cs this table was read from
+    source_format: str  # "star31", "star30" or "cs"
+    stack_paths: np.ndarray  # (N,) str: resolved path of each particle's stack
+    stack_indices: np.ndarray  # (N,) int64: 0-based index in that stack
+    box: int  # image side in pixels (square)
+    apix: np.ndarray  # (N,) float64: pixel size of the images in A
+    ctf: CTFParams | None  # None when the input has no CTF (allowed with --no-ctf)
+    rotations: np.ndarray | None  # (N, 3, 3) float64 RELION A, None if no poses
+    shifts_A: np.ndarray | None  # (N, 2) float64 RELION origin in A, None if no poses
+    subset: np.ndarray | None  # (N,) int: RELION rlnRandomSubset (1/2), None if absent
+    optics_group: np.ndarray  # (N,) int: 1-based optics group (1 for .cs / 3.0 files)
+    sign: float = 1.0  # multiply images by this to get protein-positive (cryoSPARC blob/sign)
+    raw: Any = None  # source tables, for writers that keep every original column
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(len(self.stack_indices))
+
+    @property
+    def has_poses(self) -> bool:
+        return self.rotations is not None
+
+    def with_poses(
+        self, rotations: np.ndarray, shifts_A: np.ndarray, subset: np.ndarray | None = None
+    ) -> "ParticleTable":
+        """A copy with new poses (RELION A matrices, origins in A) and halves."""
+        n = len(self)
+        rotations = np.asarray(rotations, dtype=np.float64).reshape(n, 3, 3)
+        shifts_A = np.asarray(shifts_A, dtype=np.float64).reshape(n, 2)
+        sub = self.subset if subset is None else np.asarray(subset, dtype=np.int64).reshape(n)
+        return replace(self, rotations=rotations, shifts_A=shifts_A, subset=sub)
