@@ -1,0 +1,109 @@
+"""Differentiable central-slice extraction (Fourier slice theorem) with grid_sample.
+
+A particle's projection has the 2D transform P(k) = V(A^T [kx, ky, 0]), with A
+RELION's matrix (volume -> image coordinates) and k in the centred layout of
+``fourier.fft2_centered``. Volumes are oversampled by ``pad`` in Fourier space
+(zero-padded in real space) so trilinear interpolation is accurate; the
+interpolation's real-space sinc^2 falloff is pre-divided ("gridding correction").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cryospin_relion.geometry.fourier import fft3_centered
+
+
+def sinc2_window_3d(n: int, padded: int, device=None, dtype=torch.float32) -> Tensor:
+    """Real-space response sinc^2(x / padded) sinc^2(y / padded) sinc^2(z / padded) of
+    trilinear interpolation on a grid of ``padded`` samples, for a box of n (z, y, x)."""
+    x = (torch.arange(n, device=device, dtype=dtype) - n // 2) / padded
+    s = torch.special.sinc(x) ** 2
+    return s[:, None, None] * s[None, :, None] * s[None, None, :]
+
+
+def pad_volume(vol: Tensor, padded: int) -> Tensor:
+    """Zero-pad a real volume (n, n, n) to (padded,)*3, keeping the centre n//2 at padded//2."""
+    n = vol.shape[-1]
+    out = vol.new_zeros(padded, padded, padded)
+    a = padded // 2 - n // 2
+    out[a : a + n, a : a + n, a : a + n] = vol
+    return out
+
+
+def volume_to_projector(vol: Tensor, pad: int = 2) -> Tensor:
+    """Prepare a real volume for slicing: gridding pre-correction, zero-pad, centred FFT.
+
+    Args:
+        vol: (n, n, n) real, MRC order (z, y, x), centre at n // 2.
+        pad: oversampling factor (2 as in RELION).
+    Returns:
+        (pad*n,)*3 complex centred spectrum.
+    """
+    n = vol.shape[-1]
+    padded = pad * n
+    corr = vol / sinc2_window_3d(n, padded, vol.device, vol.dtype)
+    return fft3_centered(pad_volume(corr, padded))
+
+
+def slice_grid(rotations: Tensor, box: int, padded: int) -> Tensor:
+    """grid_sample coordinates of the central slices.
+
+    Args:
+        rotations: (B, 3, 3) RELION A.
+        box: image side n.
+        padded: side of the (oversampled) volume spectrum.
+    Returns:
+        (B, n, n, 3) normalised (x, y, z) coordinates for align_corners=True.
+    """
+    dtype, device = rotations.dtype, rotations.device
+    k = (torch.arange(box, device=device, dtype=dtype) - box // 2) * (padded / box)
+    ky, kx = torch.meshgrid(k, k, indexing="ij")
+    k2 = torch.stack([kx, ky], -1)  # (n, n, 2) in padded-voxel units
+    # K3 = A^T [kx, ky, 0]  ->  K3_j = sum_i A_ij k_i over i in (x, y)
+    k3 = torch.einsum("hwi,bij->bhwj", k2, rotations[:, :2, :])
+    return (k3 + padded // 2) * (2.0 / (padded - 1)) - 1.0
+
+
+def _sample(vol: Tensor, grid: Tensor, threads: int) -> Tensor:
+    """grid_sample of a (C, D, D, D) volume at (B, n, n, 3) points -> (B, C, n, n).
+
+    On CPU, 3D grid_sample parallelises over its batch dimension only, so the B
+    slices are split into ``threads`` chunks that form that batch dimension.
+    """
+    B, n = grid.shape[0], grid.shape[1]
+    chunks = max(1, min(threads, B))
+    per = -(-B // chunks)
+    if per * chunks != B:
+        grid = torch.cat([grid, grid.new_zeros(per * chunks - B, n, n, 3)], 0)
+    g = grid.reshape(chunks, per, n, n, 3)
+    v = vol.unsqueeze(0).expand(chunks, *vol.shape)
+    out = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=True)  # (chunks, C, per, n, n)
+    out = out.permute(0, 2, 1, 3, 4).reshape(chunks * per, vol.shape[0], n, n)
+    return out[:B]
+
+
+def extract_slices(spectrum: Tensor, rotations: Tensor, box: int, threads: int | None = None) -> Tensor:
+    """Central slices of a centred 3D spectrum at the given poses.
+
+    Args:
+        spectrum: (D, D, D) complex (Fourier) or real (Hartley) centred spectrum,
+            D = pad * box.
+        rotations: (B, 3, 3) RELION A (differentiable).
+        box: output image side n.
+        threads: batch chunks for CPU parallelism (default torch.get_num_threads()).
+    Returns:
+        (B, n, n) complex or real slices in the layout of fft2_centered
+        (Hartley slices for a Hartley spectrum: a central section of a Hartley
+        transform is the Hartley transform of the projection).
+    """
+    threads = threads or (torch.get_num_threads() if spectrum.device.type == "cpu" else 1)
+    D = spectrum.shape[-1]
+    grid = slice_grid(rotations.to(spectrum.real.dtype), box, D)
+    if spectrum.is_complex():
+        vol = torch.view_as_real(spectrum).permute(3, 0, 1, 2)  # (2, D, D, D)
+        out = _sample(vol, grid, threads)
+        return torch.complex(out[:, 0], out[:, 1])
+    return _sample(spectrum.unsqueeze(0), grid, threads)[:, 0]
