@@ -48,18 +48,21 @@ def volume_to_projector(vol: Tensor, pad: int = 2) -> Tensor:
     return fft3_centered(pad_volume(corr, padded))
 
 
-def slice_grid(rotations: Tensor, box: int, padded: int) -> Tensor:
+def slice_grid(rotations: Tensor, box: int, padded: int, crop: int | None = None) -> Tensor:
     """grid_sample coordinates of the central slices.
 
     Args:
         rotations: (B, 3, 3) RELION A.
-        box: image side n.
+        box: image side n (sets the frequency spacing: padded / n voxels per image pixel).
         padded: side of the (oversampled) volume spectrum.
+        crop: return only the central crop x crop frequencies (coarse-to-fine work
+            at a smaller Fourier box); default n.
     Returns:
-        (B, n, n, 3) normalised (x, y, z) coordinates for align_corners=True.
+        (B, c, c, 3) normalised (x, y, z) coordinates for align_corners=True, c = crop or n.
     """
     dtype, device = rotations.dtype, rotations.device
-    k = (torch.arange(box, device=device, dtype=dtype) - box // 2) * (padded / box)
+    c = crop or box
+    k = (torch.arange(c, device=device, dtype=dtype) - c // 2) * (padded / box)
     ky, kx = torch.meshgrid(k, k, indexing="ij")
     k2 = torch.stack([kx, ky], -1)  # (n, n, 2) in padded-voxel units
     # K3 = A^T [kx, ky, 0]  ->  K3_j = sum_i A_ij k_i over i in (x, y)
@@ -73,7 +76,7 @@ def _sample(vol: Tensor, grid: Tensor, threads: int) -> Tensor:
     On CPU, 3D grid_sample parallelises over its batch dimension only, so the B
     slices are split into ``threads`` chunks that form that batch dimension.
     """
-    B, n = grid.shape[0], grid.shape[1]
+    B, n = grid.shape[0], grid.shape[1]  # n: output side
     chunks = max(1, min(threads, B))
     per = -(-B // chunks)
     if per * chunks != B:
@@ -85,7 +88,9 @@ def _sample(vol: Tensor, grid: Tensor, threads: int) -> Tensor:
     return out[:B]
 
 
-def extract_slices(spectrum: Tensor, rotations: Tensor, box: int, threads: int | None = None) -> Tensor:
+def extract_slices(
+    spectrum: Tensor, rotations: Tensor, box: int, threads: int | None = None, crop: int | None = None
+) -> Tensor:
     """Central slices of a centred 3D spectrum at the given poses.
 
     Args:
@@ -94,14 +99,16 @@ def extract_slices(spectrum: Tensor, rotations: Tensor, box: int, threads: int |
         rotations: (B, 3, 3) RELION A (differentiable).
         box: output image side n.
         threads: batch chunks for CPU parallelism (default torch.get_num_threads()).
+        crop: only the central crop x crop frequencies (same layout as
+            fourier.crop_centered_2d of the full slice).
     Returns:
-        (B, n, n) complex or real slices in the layout of fft2_centered
+        (B, c, c) complex or real slices in the layout of fft2_centered
         (Hartley slices for a Hartley spectrum: a central section of a Hartley
         transform is the Hartley transform of the projection).
     """
     threads = threads or (torch.get_num_threads() if spectrum.device.type == "cpu" else 1)
     D = spectrum.shape[-1]
-    grid = slice_grid(rotations.to(spectrum.real.dtype), box, D)
+    grid = slice_grid(rotations.to(spectrum.real.dtype), box, D, crop)
     if spectrum.is_complex():
         vol = torch.view_as_real(spectrum).permute(3, 0, 1, 2)  # (2, D, D, D)
         out = _sample(vol, grid, threads)
