@@ -78,3 +78,55 @@ class ParticleTable:
         shifts_A = np.asarray(shifts_A, dtype=np.float64).reshape(n, 2)
         sub = self.subset if subset is None else np.asarray(subset, dtype=np.int64).reshape(n)
         return replace(self, rotations=rotations, shifts_A=shifts_A, subset=sub)
+
+    def subset_rows(self, idx: np.ndarray) -> "ParticleTable":
+        """A table of the rows ``idx`` (int indices or boolean mask), in that order.
+
+        ``raw`` (STAR DataFrames / cryoSPARC Dataset) and per-particle arrays in
+        ``extra`` are subset too, so writers still pass every original column through.
+        """
+        n = len(self)
+        idx = np.asarray(idx)
+        idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64).reshape(-1)
+
+        def take(a):
+            return None if a is None else np.asarray(a)[idx]
+
+        raw = self.raw
+        if isinstance(raw, dict) and raw.get("particles") is not None:
+            raw = {**raw, "particles": raw["particles"].iloc[idx].reset_index(drop=True)}
+        elif raw is not None and hasattr(raw, "take") and len(raw) == n:  # cryosparc Dataset
+            raw = raw.take(idx)
+        extra = {k: (v[idx] if isinstance(v, np.ndarray) and v.shape[:1] == (n,) else v)
+                 for k, v in self.extra.items()}
+        return replace(
+            self,
+            stack_paths=take(self.stack_paths),
+            stack_indices=take(self.stack_indices),
+            apix=take(self.apix),
+            ctf=None if self.ctf is None else self.ctf.subset(idx),
+            rotations=take(self.rotations),
+            shifts_A=take(self.shifts_A),
+            subset=take(self.subset),
+            optics_group=take(self.optics_group),
+            raw=raw,
+            extra=extra,
+        )
+
+    def halves(self, seed: int = 0) -> np.ndarray:
+        """(N,) RELION random subsets in {1, 2}: the table's own when they form a
+        valid split (only 1/2, both present when N >= 2), else a seeded balanced split."""
+        s = self.subset
+        if s is not None:
+            s = np.asarray(s, dtype=np.int64)
+            vals = set(np.unique(s).tolist())
+            if vals <= {1, 2} and (len(s) < 2 or vals == {1, 2}):
+                return s
+        return balanced_halves(len(self), seed)
+
+
+def balanced_halves(n: int, seed: int = 0) -> np.ndarray:
+    """(n,) random subsets 1/2 of sizes ceil(n/2) and floor(n/2), reproducible from ``seed``."""
+    out = np.full(n, 2, dtype=np.int64)
+    out[np.random.default_rng(seed).permutation(n)[: (n + 1) // 2]] = 1
+    return out
