@@ -13,9 +13,8 @@ All functions take tensors with arbitrary leading batch dimensions ``(..., )``.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+import roma
 import torch
 from torch import Tensor
 
@@ -65,68 +64,28 @@ def matrix_to_euler(A: Tensor) -> Tensor:
     return torch.rad2deg(torch.stack([rot, tilt, psi], -1))
 
 
-def _skew(v: Tensor) -> Tensor:
-    z = torch.zeros_like(v[..., 0])
-    return torch.stack(
-        [
-            torch.stack([z, -v[..., 2], v[..., 1]], -1),
-            torch.stack([v[..., 2], z, -v[..., 0]], -1),
-            torch.stack([-v[..., 1], v[..., 0], z], -1),
-        ],
-        -2,
-    )
-
-
 def so3_exp(rotvec: Tensor) -> Tensor:
-    """Rotation matrix from a rotation vector (axis * angle in radians), Rodrigues.
+    """Rotation matrix from a rotation vector (axis * angle in radians).
 
-    Differentiable everywhere, including at 0 (Taylor terms near the identity).
+    Differentiable everywhere, including at 0 (roma's quaternion route).
 
     Args:
         rotvec: (..., 3)
     Returns:
         (..., 3, 3) active rotation matrices R with R v = rotate v about the axis.
     """
-    theta2 = (rotvec**2).sum(-1, keepdim=True)[..., None]  # (...,1,1)
-    theta = torch.sqrt(theta2.clamp_min(1e-30))
-    small = theta2 < 1e-8
-    a = torch.where(small, 1.0 - theta2 / 6.0, torch.sin(theta) / theta)
-    b = torch.where(small, 0.5 - theta2 / 24.0, (1.0 - torch.cos(theta)) / theta2.clamp_min(1e-30))
-    K = _skew(rotvec)
-    eye = torch.eye(3, dtype=rotvec.dtype, device=rotvec.device).expand_as(K)
-    return eye + a * K + b * (K @ K)
+    return roma.rotvec_to_rotmat(rotvec)
 
 
 def so3_log(R: Tensor) -> Tensor:
-    """Rotation vector (radians) of a rotation matrix (inverse of so3_exp).
-
-    Stable near 0 and near pi (axis from the symmetric part).
+    """Rotation vector (radians, angle in [0, pi]) of a rotation matrix; inverse of so3_exp.
 
     Args:
         R: (..., 3, 3)
     Returns:
         (..., 3)
     """
-    tr = R[..., 0, 0] + R[..., 1, 1] + R[..., 2, 2]
-    w = torch.stack([R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], -1)
-    # atan2 keeps theta accurate at both ends, unlike acos
-    theta = torch.atan2(w.norm(dim=-1) / 2.0, (tr - 1.0) / 2.0)
-    small = theta < 1e-4
-    factor = torch.where(small, 0.5 + theta**2 / 12.0, theta / (2.0 * torch.sin(theta).clamp_min(1e-12)))
-    v = w * factor[..., None]
-    # near pi w ~ 0: the symmetric part (R + R^T)/2 - cos(theta) I = (1 - cos(theta)) n n^T gives the axis
-    near_pi = theta > math.pi - 1e-2
-    if bool(near_pi.any()):
-        eye = torch.eye(3, dtype=R.dtype, device=R.device)
-        S = (R + R.transpose(-1, -2)) / 2.0 - torch.cos(theta)[..., None, None] * eye
-        diag = torch.stack([S[..., 0, 0], S[..., 1, 1], S[..., 2, 2]], -1)
-        k = diag.argmax(-1)
-        col = torch.gather(S, -1, k[..., None, None].expand(*S.shape[:-1], 1))[..., 0]
-        n = col / col.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        sgn = torch.sign((n * w).sum(-1, keepdim=True))
-        sgn = torch.where(sgn == 0, torch.ones_like(sgn), sgn)
-        v = torch.where(near_pi[..., None], n * sgn * theta[..., None], v)
-    return v
+    return roma.rotmat_to_rotvec(R)
 
 
 def sixd_to_matrix(d6: Tensor) -> Tensor:
@@ -137,11 +96,8 @@ def sixd_to_matrix(d6: Tensor) -> Tensor:
     Returns:
         (..., 3, 3) with rows b1, b2, b3 = b1 x b2.
     """
-    a1, a2 = d6[..., :3], d6[..., 3:]
-    b1 = torch.nn.functional.normalize(a1, dim=-1)
-    b2 = torch.nn.functional.normalize(a2 - (b1 * a2).sum(-1, keepdim=True) * b1, dim=-1)
-    b3 = torch.cross(b1, b2, dim=-1)
-    return torch.stack([b1, b2, b3], -2)
+    cols = d6.reshape(*d6.shape[:-1], 2, 3).transpose(-1, -2)  # (..., 3, 2) columns a1, a2
+    return roma.special_gramschmidt(cols).transpose(-1, -2)
 
 
 def random_rotations(n: int, generator: torch.Generator | None = None, dtype=torch.float64) -> Tensor:
