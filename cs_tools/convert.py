@@ -1,0 +1,421 @@
+"""Plain functions between cryoSPARC Datasets, files on disk and ``cryospin abinit``.
+
+Nothing here talks to a cryoSPARC server (that is ``cs_tools/server.py``), so
+every function can be tested on real ``.cs`` files without one.
+
+cryoSPARC conventions used (see docs/conventions.md and docs/cryosparc.md):
+
+- ``alignments3D/pose``: float32 (3,), rotation vector [rad] of RELION's ``A^T``
+  (``geometry.rotations.relion_to_cryosparc_pose``).
+- ``alignments3D/shift``: float32 (2,), pixels at ``alignments3D/psize_A``, equal
+  to the RELION origin in pixels, no sign flip: ``shift = origin_A / psize_A``.
+- ``alignments3D/psize_A``: float32, the particle pixel size.
+- ``alignments3D/split``: uint32 0/1 = RELION ``rlnRandomSubset`` 1/2.
+- volume outputs: one row with ``<slot>/path`` (project-relative), ``<slot>/shape``
+  (uint32 (3,), z, y, x) and ``<slot>/psize_A`` (float32) for the slots ``map``,
+  ``map_half_A`` (half 1) and ``map_half_B`` (half 2).
+- ``blob/path`` in an exported ``.cs`` may start with ``>``: relative to the
+  project folder. Paths in a job's own ``.cs`` are relative to the project folder too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+from cryosparc.dataset import Dataset
+
+from cryospin_relion.errors import InputError
+from cryospin_relion.geometry.rotations import relion_to_cryosparc_pose
+
+__all__ = [
+    "ALIGN_FIELDS",
+    "VOLUME_SLOTS",
+    "INPUT_SLOTS",
+    "parse_output_ref",
+    "strip_project_prefix",
+    "stack_paths",
+    "localize_blob_paths",
+    "check_input_dataset",
+    "write_dataset",
+    "load_dataset",
+    "alignments_fields",
+    "particles_output",
+    "particles_output_from_result",
+    "fill_allocated",
+    "expected_voxel_size",
+    "volume_info",
+    "volume_output",
+    "AbinitOutputs",
+    "abinit_outputs",
+    "result_particles",
+    "abinit_command",
+    "run_command",
+]
+
+# the four alignments3D fields we write, with their cryoSPARC dtypes
+ALIGN_FIELDS = [
+    ("alignments3D/split", "u4"),
+    ("alignments3D/shift", "f4", (2,)),
+    ("alignments3D/pose", "f4", (3,)),
+    ("alignments3D/psize_A", "f4"),
+]
+
+# neutral values for other alignments3D fields a server-allocated output may have
+ALIGN_DEFAULTS = {
+    "alignments3D/class_posterior": 1.0,
+    "alignments3D/weight": 1.0,
+    "alignments3D/alpha": 1.0,
+    "alignments3D/alpha_min": 1.0,
+    "alignments3D/class": 0,
+}
+
+# input particle slots of the external job: blob and ctf required, alignments3D optional
+INPUT_SLOTS = ["blob", "ctf", "?alignments3D"]
+
+# volume output slots -> abinit file names (map_half_A = half 1, map_half_B = half 2)
+VOLUME_SLOTS = {"map": "map.mrc", "map_half_A": "half1_map.mrc", "map_half_B": "half2_map.mrc"}
+
+
+# -- references and paths ------------------------------------------------------------------
+
+
+def parse_output_ref(ref: str, default_output: str = "particles") -> tuple[str, str]:
+    """``"J12.particles_selected"`` -> ``("J12", "particles_selected")``; ``"J12"`` -> ``("J12", default)``."""
+    ref = ref.strip()
+    job, _, out = ref.partition(".")
+    job = job.strip().upper()
+    out = out.strip() or default_output
+    if not job.startswith("J") or not job[1:].isdigit():
+        raise InputError(f"--particles {ref!r}: expected JOB.OUTPUT, e.g. J12.particles_selected")
+    if not out.replace("_", "").isalnum() or not out[0].isalpha():
+        raise InputError(f"--particles {ref!r}: output name {out!r} is not a cryoSPARC output name")
+    return job, out
+
+
+def _as_str(v) -> str:
+    return v.decode("utf-8") if isinstance(v, (bytes, np.bytes_)) else str(v)
+
+
+def strip_project_prefix(path: str) -> str:
+    """An exported ``.cs`` marks project-relative paths with a leading ``>``: remove it."""
+    path = _as_str(path)
+    return path[1:] if path.startswith(">") else path
+
+
+def stack_paths(ds: Dataset, field: str = "blob/path") -> list[str]:
+    """The distinct (project-relative) stack paths of a particle Dataset, in first-seen order."""
+    seen: dict[str, None] = {}
+    for p in ds[field]:
+        seen.setdefault(strip_project_prefix(p), None)
+    return list(seen)
+
+
+def localize_blob_paths(ds: Dataset, project_dir: str | os.PathLike, field: str = "blob/path") -> Dataset:
+    """A copy of ``ds`` whose ``blob/path`` are absolute paths under ``project_dir``.
+
+    cryoSPARC stores stack paths relative to the project folder (``J12/extract/x.mrc``,
+    or ``>J12/extract/x.mrc`` in exported files); absolute paths are kept as they are.
+    """
+    root = Path(project_dir)
+    out = ds.copy()
+    cache: dict[str, str] = {}
+    paths = []
+    for p in ds[field]:
+        p = _as_str(p)
+        if p not in cache:
+            rel = strip_project_prefix(p)
+            cache[p] = rel if os.path.isabs(rel) else str(root / rel)
+        paths.append(cache[p])
+    out[field] = np.array(paths, dtype=object)
+    return out
+
+
+def check_input_dataset(ds: Dataset, source: str = "input") -> None:
+    """InputError (one line) unless ``ds`` is a particle Dataset with uid, blob and ctf fields."""
+    fields = set(ds.fields())
+    if len(ds) == 0:
+        raise InputError(f"{source}: no particles")
+    missing = [f for f in ("uid", "blob/path", "blob/idx", "blob/psize_A", "ctf/df1_A") if f not in fields]
+    if missing:
+        raise InputError(f"{source}: {', '.join(missing)}: field missing (need particle blob and ctf slots)")
+
+
+def write_dataset(ds: Dataset, path: str | os.PathLike) -> Path:
+    """Save a Dataset as a ``.cs`` (numpy format, loadable by ``numpy.load``), atomically."""
+    from cryospin_relion.io.atomic import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            ds.save(fh)
+    return path
+
+
+def load_dataset(path: str | os.PathLike) -> Dataset:
+    """``Dataset.load`` with a one-line InputError when missing or unreadable."""
+    from cryospin_relion.io.cs import load_cs
+
+    return load_cs(path)
+
+
+# -- particles output ----------------------------------------------------------------------
+
+
+def alignments_fields(rotations: np.ndarray, shifts_A: np.ndarray, psize_A: np.ndarray | float,
+                      halves: np.ndarray) -> dict[str, np.ndarray]:
+    """alignments3D/{pose, shift, psize_A, split} arrays from RELION poses.
+
+    Args:
+        rotations: (N, 3, 3) RELION A matrices.
+        shifts_A: (N, 2) RELION origins (rlnOriginX/YAngst) in A.
+        psize_A: pixel size of the particle images (scalar or (N,)).
+        halves: (N,) rlnRandomSubset in {1, 2}.
+    """
+    rotations = np.asarray(rotations, dtype=np.float64)
+    n = len(rotations)
+    shifts_A = np.asarray(shifts_A, dtype=np.float64).reshape(n, 2)
+    psize = np.broadcast_to(np.asarray(psize_A, dtype=np.float64), (n,))
+    if (psize <= 0).any() or not np.isfinite(psize).all():
+        raise InputError("alignments3D/psize_A: pixel size must be a positive number")
+    halves = np.asarray(halves, dtype=np.int64).reshape(n)
+    if not set(np.unique(halves).tolist()) <= {1, 2}:
+        raise InputError(f"halves must be 1 or 2, got {sorted(set(np.unique(halves).tolist()))}")
+    return {
+        "alignments3D/pose": relion_to_cryosparc_pose(rotations).astype(np.float32).reshape(n, 3),
+        "alignments3D/shift": (shifts_A / psize[:, None]).astype(np.float32),
+        "alignments3D/psize_A": psize.astype(np.float32),
+        "alignments3D/split": (halves - 1).astype(np.uint32),
+    }
+
+
+def particles_output(input_ds: Dataset, rotations: np.ndarray, shifts_A: np.ndarray,
+                     halves: np.ndarray, psize_A: np.ndarray | float | None = None) -> Dataset:
+    """The output particles: every field of ``input_ds`` plus new alignments3D poses.
+
+    Rows stay in the order of ``input_ds`` (same uids). The four alignments3D
+    fields are (re)written; any other field, including other ``alignments3D/*``
+    fields of an earlier alignment, is passed through unchanged. ``psize_A``
+    defaults to ``blob/psize_A``.
+    """
+    n = len(input_ds)
+    if len(rotations) != n:
+        raise InputError(f"{len(rotations)} poses for {n} input particles")
+    if psize_A is None:
+        psize_A = np.asarray(input_ds["blob/psize_A"], dtype=np.float64)
+    out = input_ds.copy()
+    out.add_fields([f for f in ALIGN_FIELDS if f[0] not in out.fields()])
+    for k, v in alignments_fields(rotations, shifts_A, psize_A, halves).items():
+        out[k] = v
+    return out
+
+
+def particles_output_from_result(input_ds: Dataset, result_ds: Dataset) -> Dataset:
+    """Copy the four alignments3D fields of ``result_ds`` (abinit's particles.cs) onto ``input_ds``.
+
+    Rows are matched by ``uid`` when both have uids (the result may be in any
+    order or a subset: particles missing from it are an error), else by position.
+    """
+    n = len(input_ds)
+    rfields = set(result_ds.fields())
+    missing = [f[0] for f in ALIGN_FIELDS if f[0] not in rfields]
+    if missing:
+        raise InputError(f"result particles: {', '.join(missing)}: field missing")
+    if "uid" in rfields and "uid" in input_ds.fields() and len(result_ds):
+        in_uid = np.asarray(input_ds["uid"])
+        r_uid = np.asarray(result_ds["uid"])
+        order = np.argsort(r_uid, kind="stable")
+        pos = np.searchsorted(r_uid[order], in_uid)
+        pos = np.clip(pos, 0, len(r_uid) - 1)
+        found = r_uid[order][pos] == in_uid
+        if not found.all():
+            raise InputError(f"result particles: uid: {int((~found).sum())} of {n} input particles missing")
+        rows = order[pos]
+    else:
+        if len(result_ds) != n:
+            raise InputError(f"result particles: {len(result_ds)} rows for {n} input particles (no uid to match)")
+        rows = np.arange(n)
+    out = input_ds.copy()
+    out.add_fields([f for f in ALIGN_FIELDS if f[0] not in out.fields()])
+    for f in ALIGN_FIELDS:
+        out[f[0]] = np.asarray(result_ds[f[0]])[rows].astype(out[f[0]].dtype)
+    return out
+
+
+def fill_allocated(allocated: Dataset, built: Dataset) -> Dataset:
+    """Fill a server-allocated output (uid + the slot's expected fields) from ``built``.
+
+    Rows are matched by uid. Fields of ``allocated`` that ``built`` lacks keep
+    their allocation zeros, except neutral values for alignments3D bookkeeping
+    (class posterior 1, weight 1, alpha 1, class 0). Returns ``allocated``.
+    """
+    a_uid = np.asarray(allocated["uid"])
+    b_uid = np.asarray(built["uid"])
+    order = np.argsort(b_uid, kind="stable")
+    pos = np.clip(np.searchsorted(b_uid[order], a_uid), 0, max(len(b_uid) - 1, 0))
+    if len(b_uid) == 0 or not (b_uid[order][pos] == a_uid).all():
+        raise InputError("output particles: uids of the allocated output and of the result differ")
+    rows = order[pos]
+    bfields = set(built.fields())
+    for f in allocated.fields():
+        if f == "uid":
+            continue
+        if f in bfields:
+            allocated[f] = np.asarray(built[f])[rows].astype(allocated[f].dtype)
+        elif f in ALIGN_DEFAULTS:
+            allocated[f] = np.full(len(allocated), ALIGN_DEFAULTS[f]).astype(allocated[f].dtype)
+    return allocated
+
+
+# -- volumes -------------------------------------------------------------------------------
+
+
+def expected_voxel_size(psize_A: float, box: int, map_box: int) -> float:
+    """Voxel size of a map reconstructed at ``map_box`` from particles of ``box`` px at ``psize_A``
+    (Fourier cropping keeps the physical box: ``psize_A * box / map_box``)."""
+    return float(psize_A) * int(box) / int(map_box)
+
+
+def volume_info(path: str | os.PathLike, psize_A: float | None = None) -> tuple[tuple[int, int, int], float]:
+    """(shape (z, y, x), voxel size in A) of an MRC map, from its header.
+
+    With ``psize_A`` given, the header must agree with it (0.1%); a header with
+    cell 0 (voxel size unset) is rewritten with ``psize_A``.
+    """
+    import mrcfile
+
+    from cryospin_relion.io.mrc import read_mrc, stack_shape, write_mrc
+
+    path = Path(path)
+    shape = stack_shape(path)  # (nz, ny, nx), header only
+    if min(shape) < 2:
+        raise InputError(f"{path}: not a 3D map (shape {shape})")
+    with mrcfile.open(path, mode="r", header_only=True, permissive=True) as m:
+        vs = float(m.voxel_size.x)
+    if not np.isfinite(vs) or vs <= 0:
+        if psize_A is None:
+            raise InputError(f"{path}: voxel size unset in the MRC header (cella 0)")
+        data, _ = read_mrc(path)
+        write_mrc(path, data, psize_A)
+        vs = float(psize_A)
+    elif psize_A is not None and abs(vs - psize_A) > 1e-3 * psize_A:
+        raise InputError(f"{path}: voxel size {vs:.4f} A in the header, expected {psize_A:.4f} A")
+    return (int(shape[0]), int(shape[1]), int(shape[2])), vs
+
+
+def volume_output(paths: dict[str, str], shapes: dict[str, Sequence[int]], psize_A: float,
+                  uid: int | None = None) -> Dataset:
+    """One-row volume Dataset: ``<slot>/path``, ``<slot>/shape`` (uint32 x3), ``<slot>/psize_A``.
+
+    Args:
+        paths: slot name (``map``, ``map_half_A``, ``map_half_B``) -> project-relative path.
+        shapes: slot name -> (z, y, x).
+        psize_A: voxel size in A.
+        uid: row uid (random when None, as cryoSPARC allocates).
+    """
+    fields = []
+    for slot in paths:
+        fields += [(f"{slot}/path", "O"), (f"{slot}/shape", "u4", (3,)), (f"{slot}/psize_A", "f4")]
+    ds = Dataset.allocate(1, fields)
+    if uid is not None:
+        ds["uid"] = np.array([uid], dtype=np.uint64)
+    for slot, p in paths.items():
+        ds[f"{slot}/path"] = np.array([str(PurePosixPath(p))], dtype=object)
+        ds[f"{slot}/shape"] = np.asarray(shapes[slot], dtype=np.uint32).reshape(1, 3)
+        ds[f"{slot}/psize_A"] = np.array([psize_A], dtype=np.float32)
+    return ds
+
+
+# -- abinit --------------------------------------------------------------------------------
+
+
+@dataclass
+class AbinitOutputs:
+    """Files written by ``cryospin abinit --o DIR`` that the cryoSPARC job uses."""
+
+    outdir: Path
+    volumes: dict[str, Path]  # volume slot -> MRC file
+    particles_cs: Path | None
+    particles_star: Path | None
+    fsc: Path | None
+
+
+def abinit_outputs(outdir: str | os.PathLike) -> AbinitOutputs:
+    """Locate abinit's outputs; InputError naming the first missing map or particle file."""
+    outdir = Path(outdir)
+    vols = {}
+    for slot, name in VOLUME_SLOTS.items():
+        p = outdir / name
+        if not p.is_file():
+            raise InputError(f"{p}: abinit output missing")
+        vols[slot] = p
+    cs = outdir / "particles.cs"
+    star = outdir / "particles.star"
+    if not cs.is_file() and not star.is_file():
+        raise InputError(f"{outdir}: abinit wrote neither particles.cs nor particles.star")
+    fsc = outdir / "fsc.txt"
+    return AbinitOutputs(outdir, vols, cs if cs.is_file() else None, star if star.is_file() else None,
+                         fsc if fsc.is_file() else None)
+
+
+def result_particles(outputs: AbinitOutputs, input_ds: Dataset) -> Dataset:
+    """The output particles Dataset (input fields + new alignments3D) from abinit's outputs.
+
+    Uses particles.cs (matched by uid) when present, else particles.star (same
+    row order as the input .cs given to abinit).
+    """
+    if outputs.particles_cs is not None:
+        return particles_output_from_result(input_ds, load_dataset(outputs.particles_cs))
+    from cryospin_relion.io.read import read_particles
+
+    table = read_particles(outputs.particles_star, check_stacks=False, no_ctf=True)
+    if not table.has_poses:
+        raise InputError(f"{outputs.particles_star}: no poses")
+    if len(table) != len(input_ds):
+        raise InputError(f"{outputs.particles_star}: {len(table)} particles for {len(input_ds)} input particles")
+    return particles_output(input_ds, table.rotations, table.shifts_A, table.halves(), psize_A=table.apix)
+
+
+def abinit_command(particles_cs: str | os.PathLike, outdir: str | os.PathLike,
+                   extra: Iterable[str] = ()) -> list[str]:
+    """argv running ``cryospin abinit`` in a fresh Python (same interpreter as this one)."""
+    return [sys.executable, "-m", "cryospin_relion.cli", "abinit", "--i", str(particles_cs), "--o", str(outdir),
+            *[str(a) for a in extra]]
+
+
+def run_command(cmd: Sequence[str], log: Callable[[str], None] = print, cwd: str | os.PathLike | None = None,
+                log_every: float = 0.0) -> None:
+    """Run ``cmd``, passing each output line (stdout and stderr merged) to ``log``.
+
+    ``log_every`` > 0 forwards at most one line per that many seconds (plus the
+    last 20 lines on failure), to keep a server event log short.
+    Raises RuntimeError with the command's last line when it exits non-zero.
+    """
+    import collections
+    import time
+
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    last = 0.0
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          cwd=cwd, env=env, bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            now = time.monotonic()
+            if log_every <= 0 or now - last >= log_every:
+                log(line)
+                last = now
+        rc = proc.wait()
+    if rc != 0:
+        if log_every > 0:
+            for line in tail:
+                log(line)
+        msg = next((t for t in reversed(tail) if t.strip()), "")
+        raise RuntimeError(f"{Path(cmd[0]).name} {' '.join(map(str, cmd[1:4]))} ... exited with {rc}: {msg}")

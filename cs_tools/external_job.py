@@ -1,0 +1,288 @@
+"""cryospin-cryosparc: run cryoSPIN ab-initio on a cryoSPARC particle output as an External job.
+
+Creates an External job in PROJECT/WORKSPACE, connects the particle output
+(blob and ctf required, alignments3D optional), runs ``cryospin abinit`` here on
+the particle stacks (read from the project folder, or downloaded with
+--download-stacks), then saves a ``volume`` output (map, map_half_A, map_half_B)
+and a ``particles`` output with the new alignments3D (other slots pass through).
+
+Connection: --base-url, or --host and --base-port; credentials --email and
+--password (or, with cryosparc-tools 5.x, a session stored by
+``python -m cryosparc.tools login``; --license for 4.x). Each falls back to the
+environment: CRYOSPARC_BASE_URL, CRYOSPARC_MASTER_HOSTNAME, CRYOSPARC_BASE_PORT,
+CRYOSPARC_EMAIL, CRYOSPARC_PASSWORD, CRYOSPARC_LICENSE_ID.
+
+Options not listed below are passed to ``cryospin abinit`` unchanged.
+
+Exit codes: 0 success, 2 bad input or missing connection settings (one line),
+1 server or run failure (one line; the job is marked failed), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Mapping
+
+from cryospin_relion.errors import InputError
+
+PROG = "cryospin-cryosparc"
+
+ENV = {
+    "base_url": "CRYOSPARC_BASE_URL",
+    "host": "CRYOSPARC_MASTER_HOSTNAME",
+    "base_port": "CRYOSPARC_BASE_PORT",
+    "email": "CRYOSPARC_EMAIL",
+    "password": "CRYOSPARC_PASSWORD",
+    "license": "CRYOSPARC_LICENSE_ID",
+}
+
+
+class ConnectionSettingsError(InputError):
+    """Connection settings missing: nothing was sent to any server."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=(__doc__ or "").strip().splitlines()[0],
+        epilog="Options not listed are passed to `cryospin abinit`. See docs/cryosparc.md.",
+    )
+    g = p.add_argument_group("cryoSPARC job")
+    g.add_argument("--project", required=True, metavar="P", help="project uid, e.g. P3")
+    g.add_argument("--workspace", required=True, metavar="W", help="workspace uid, e.g. W1")
+    g.add_argument("--particles", required=True, metavar="JOB.OUTPUT",
+                   help="particle output to connect, e.g. J12.particles_selected (J12 alone means J12.particles)")
+    g.add_argument("--title", default="cryoSPIN ab-initio", help="External job title (default: %(default)s)")
+    g.add_argument("--lane", default=None,
+                   help="accepted for symmetry with other jobs; External jobs run where this command runs, "
+                        "so it is only logged")
+    g.add_argument("--workdir", default=None,
+                   help="local folder for the exported particles and abinit outputs "
+                        "(default: ./cryospin_<project>_<job>)")
+    g.add_argument("--project-dir", default=None,
+                   help="the project folder as seen from this machine (default: the server's path)")
+    g.add_argument("--download-stacks", action="store_true",
+                   help="download the particle stacks from the server when the project folder is not "
+                        "visible here")
+    c = p.add_argument_group("connection (each falls back to the CRYOSPARC_* environment variable)")
+    c.add_argument("--base-url", default=None, help="e.g. http://localhost:39000 (CRYOSPARC_BASE_URL)")
+    c.add_argument("--host", default=None, help="master hostname (CRYOSPARC_MASTER_HOSTNAME)")
+    c.add_argument("--base-port", default=None, type=int, help="base port, default 39000 (CRYOSPARC_BASE_PORT)")
+    c.add_argument("--email", default=None, help="user e-mail (CRYOSPARC_EMAIL)")
+    c.add_argument("--password", default=None,
+                   help="password (CRYOSPARC_PASSWORD; prefer the variable: arguments are visible to other users)")
+    c.add_argument("--license", default=None, help="license id, needed by cryosparc-tools 4.x (CRYOSPARC_LICENSE_ID)")
+    c.add_argument("--timeout", default=60, type=int, help="seconds per server request (default: %(default)s)")
+    a = p.add_argument_group("passed to cryospin abinit")
+    a.add_argument("--box", type=int, default=None, help="working box in pixels")
+    a.add_argument("--heads", type=int, default=None, help="number of pose heads")
+    a.add_argument("--epochs-amortized", type=int, default=None, help="epochs of the amortized phase")
+    a.add_argument("--epochs-autodecode", type=int, default=None, help="epochs of the auto-decoding phase")
+    a.add_argument("--seed", type=int, default=None, help="random seed")
+    return p
+
+
+def abinit_args(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """The options for ``cryospin abinit`` (named ones first, then the unknown ones as given)."""
+    out: list[str] = []
+    for name in ("box", "heads", "epochs_amortized", "epochs_autodecode", "seed"):
+        v = getattr(args, name)
+        if v is not None:
+            out += [f"--{name.replace('_', '-')}", str(v)]
+    return out + [e for e in extra if e != "--"]
+
+
+def resolve_connection(args: argparse.Namespace, environ: Mapping[str, str] | None = None,
+                       saved_session: Any = None) -> dict[str, Any]:
+    """Connection settings from arguments, else the CRYOSPARC_* environment.
+
+    Raises ConnectionSettingsError (one line) naming what is missing. ``saved_session``
+    is a callable (base_url, email) -> bool telling whether cryosparc-tools 5.x
+    holds a stored login (defaults to server.has_saved_session).
+    """
+    environ = os.environ if environ is None else environ
+    conn: dict[str, Any] = {}
+    for key, var in ENV.items():
+        v = getattr(args, key, None)
+        conn[key] = v if v not in (None, "") else (environ.get(var) or None)
+    conn["timeout"] = getattr(args, "timeout", 60)
+    if conn["base_port"] is not None:
+        try:
+            conn["base_port"] = int(conn["base_port"])
+        except ValueError:
+            raise ConnectionSettingsError(f"base port {conn['base_port']!r} is not a number "
+                                          f"(--base-port / CRYOSPARC_BASE_PORT)") from None
+    if conn["base_url"] and (getattr(args, "host", None) or getattr(args, "base_port", None)):
+        conn["base_url"] = None  # explicit --host/--base-port win over CRYOSPARC_BASE_URL
+    missing = []
+    if not conn["base_url"] and not conn["host"]:
+        missing.append("host (--host or CRYOSPARC_MASTER_HOSTNAME, or --base-url or CRYOSPARC_BASE_URL)")
+    if conn["host"] and not conn["base_url"] and conn["base_port"] is None:
+        conn["base_port"] = 39000
+    url = conn["base_url"] or f"http://{conn['host']}:{conn['base_port']}"
+    if saved_session is None:
+        from cs_tools.server import has_saved_session as saved_session
+    from cs_tools.server import constructor_keywords
+
+    tools5 = "base_url" in constructor_keywords()
+    have_login = bool(conn["email"] and conn["password"])
+    if tools5:
+        if not have_login and not conn["license"] and not (not missing and saved_session(url, conn["email"])):
+            missing.append("credentials (--email and --password, or CRYOSPARC_EMAIL and CRYOSPARC_PASSWORD, "
+                           "or a login stored by `python -m cryosparc.tools login`)")
+    else:
+        if not conn["license"]:
+            missing.append("license (--license or CRYOSPARC_LICENSE_ID)")
+        if not have_login:
+            missing.append("credentials (--email and --password, or CRYOSPARC_EMAIL and CRYOSPARC_PASSWORD)")
+    if missing:
+        raise ConnectionSettingsError("no cryoSPARC connection: missing " + "; ".join(missing))
+    return conn
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return (text[:400] + " ...") if len(text) > 400 else (text or type(e).__name__)
+
+
+def _first_line(e: BaseException) -> str:
+    """First line of the message, with the first line of its cause (cryosparc-tools wraps errors)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(e).__name__
+    cause = e.__cause__ or e.__context__
+    if cause is not None:
+        more = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+        text += " " + (more[0] if more else type(cause).__name__)
+    return text.rstrip(":") if text.endswith(":") else text
+
+
+def prepare_stacks(ds, project_dir: str | None, workdir: Path, download: bool, server: ModuleType,
+                   project: Any, log) -> Any:
+    """The input Dataset with blob/path made absolute on this machine (downloading if asked)."""
+    from cs_tools.convert import localize_blob_paths, stack_paths
+
+    stacks = stack_paths(ds)
+    if project_dir and all((Path(project_dir) / s).is_file() for s in stacks[:3]):
+        missing = [s for s in stacks if not (Path(project_dir) / s).is_file()]
+        if missing:
+            raise InputError(f"{Path(project_dir) / missing[0]}: particle stack not found "
+                             f"({len(missing)} of {len(stacks)} missing)")
+        return localize_blob_paths(ds, project_dir)
+    if not download:
+        raise InputError(f"particle stacks not found under the project folder '{project_dir}' on this machine "
+                         f"(e.g. {stacks[0]}): pass --project-dir or --download-stacks")
+    local = workdir / "stacks"
+    log(f"downloading {len(stacks)} particle stacks to {local}")
+    for s in stacks:
+        target = local / s
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            server.download(project, s, target)
+    return localize_blob_paths(ds, local)
+
+
+def run_job(args: argparse.Namespace, extra: list[str], server: ModuleType | None = None,
+            environ: Mapping[str, str] | None = None) -> int:
+    """The whole External job; ``server`` is cs_tools.server (or a stand-in with the same functions)."""
+    from cs_tools import convert
+
+    if server is None:
+        from cs_tools import server
+    conn = resolve_connection(args, environ, saved_session=getattr(server, "has_saved_session", None))
+    source_job, source_output = convert.parse_output_ref(args.particles)
+    url = conn["base_url"] or f"http://{conn['host']}:{conn['base_port']}"
+    try:
+        cs = server.connect(conn)
+    except Exception as e:  # network, authentication, version: one line, no traceback
+        raise RuntimeError(f"cannot connect to cryoSPARC at {url}: {_first_line(e)}") from None
+    project = server.find_project(cs, args.project)
+    job = server.create_job(project, args.workspace, args.title)
+    uid = server.job_uid(job)
+    print(f"{PROG}: created External job {args.project} {uid} in {args.workspace}", file=sys.stderr)
+    server.connect_particles(job, source_job, source_output)
+
+    def log(text: str, level: str = "text") -> None:
+        print(f"[{uid}] {text}", file=sys.stderr)
+        server.log(job, text, level)
+
+    with server.running(job):
+        if args.lane:
+            log(f"--lane {args.lane}: External jobs run on this machine ({os.uname().nodename}); lane not used",
+                "warning")
+        ds = server.load_particles(job)
+        convert.check_input_dataset(ds, f"{source_job}.{source_output}")
+        log(f"loaded {len(ds)} particles from {source_job}.{source_output}")
+        workdir = Path(args.workdir or f"cryospin_{args.project}_{uid}").resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        pdir = args.project_dir or server.project_dir(project)
+        local = prepare_stacks(ds, pdir, workdir, args.download_stacks, server, project, log)
+        in_cs = convert.write_dataset(local, workdir / "input_particles.cs")
+        outdir = workdir / "abinit"
+        summary = workdir / "summary.json"
+        cmd = convert.abinit_command(in_cs, outdir, abinit_args(args, extra) + ["--json-summary", str(summary)])
+        log("running: cryospin abinit " + " ".join(cmd[4:]))
+        convert.run_command(cmd, log=log, cwd=workdir, log_every=10.0)
+        if summary.is_file():
+            try:
+                log("summary: " + json.dumps(json.loads(summary.read_text()))[:2000])
+            except ValueError:
+                pass
+        out = convert.abinit_outputs(outdir)
+
+        # volume output: upload the maps into the job folder, one row referencing them
+        box = int(ds["blob/shape"][0][-1]) if "blob/shape" in ds.fields() else None
+        shapes, psize = {}, None
+        for slot, path in out.volumes.items():
+            shape, vs = convert.volume_info(path)
+            if box:
+                want = convert.expected_voxel_size(float(ds["blob/psize_A"][0]), box, shape[-1])
+                shape, vs = convert.volume_info(path, want)
+            shapes[slot], psize = shape, vs
+        paths = {slot: server.upload(job, f"cryospin_{p.name}", p) for slot, p in out.volumes.items()}
+        if out.fsc is not None:
+            server.upload(job, "cryospin_fsc.txt", out.fsc)
+        alloc = server.add_volume_output(job)
+        vol = convert.volume_output(paths, shapes, psize, uid=int(alloc["uid"][0]))
+        server.save_output(job, server.VOLUME_OUTPUT, convert.fill_allocated(alloc, vol))
+        log(f"saved volume output: {', '.join(paths.values())} ({shapes['map'][-1]} px, {psize:.4f} A/px)")
+
+        # particles output: new alignments3D, everything else passed through by cryoSPARC
+        built = convert.result_particles(out, ds)
+        convert.write_dataset(built, workdir / "particles_with_poses.cs")
+        alloc = server.add_particles_output(job, built)
+        server.save_output(job, server.PARTICLES_OUTPUT, convert.fill_allocated(alloc, built))
+        log(f"saved particles output with alignments3D for {len(built)} particles")
+    print(f"{PROG}: done: {args.project} {uid}; local files in {workdir}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run(argv))
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        return run_job(args, extra)
+    except InputError as e:
+        for line in str(e).splitlines() or [type(e).__name__]:
+            print(f"{PROG}: error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # server errors, abinit failure: one line; the job (if any) is marked failed
+        if os.environ.get("CRYOSPIN_DEBUG"):
+            raise
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Every call to a cryoSPARC server, and nothing else (thin wrappers over cryosparc-tools).
+
+Works with cryosparc-tools 4.x and 5.x: the ``CryoSPARC`` constructor is called
+with keywords only, filtered by its signature (5.x has ``base_url`` and a
+deprecated ``license``; 4.x has ``license``, ``host``, ``base_port``).
+
+NOT TESTED AGAINST A LIVE SERVER (none was available): see docs/cryosparc.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import warnings
+from pathlib import PurePosixPath
+from typing import Any, Iterator
+
+from cryosparc.dataset import Dataset
+
+from cs_tools.convert import INPUT_SLOTS, VOLUME_SLOTS
+
+PARTICLES_INPUT = "particles"
+PARTICLES_OUTPUT = "particles"
+VOLUME_OUTPUT = "volume"
+VOLUME_SLOT_DTYPE = "volume_blob"  # dtype of the map / map_half_A / map_half_B slots of volume outputs
+
+
+def _cryosparc_class():
+    from cryosparc.tools import CryoSPARC
+
+    return CryoSPARC
+
+
+def constructor_keywords() -> set[str]:
+    """Keyword arguments the installed ``CryoSPARC(...)`` accepts."""
+    return set(inspect.signature(_cryosparc_class().__init__).parameters) - {"self"}
+
+
+def has_saved_session(base_url: str, email: str | None) -> bool:
+    """True when cryosparc-tools 5.x has a stored login (``python -m cryosparc.tools login``)
+    for ``base_url``; reads a local file only, no network."""
+    try:
+        from cryosparc.auth import InstanceAuthSessions
+    except ImportError:  # 4.x
+        return False
+    try:
+        return InstanceAuthSessions.load().find(base_url, email) is not None
+    except Exception:
+        return False
+
+
+def connect(conn: dict[str, Any]) -> Any:
+    """``CryoSPARC(...)`` from a dict with keys base_url, host, base_port, email, password,
+    license, timeout (None values are left out)."""
+    cls = _cryosparc_class()
+    accepted = constructor_keywords()
+    kw = {k: v for k, v in conn.items() if v is not None and v != "" and k in accepted}
+    if "base_url" in kw and ("host" in kw or "base_port" in kw):
+        kw.pop("host", None)
+        kw.pop("base_port", None)
+    if "base_url" not in accepted and conn.get("base_url") and not conn.get("host"):
+        from urllib.parse import urlparse  # 4.x: split the URL into host and port
+
+        u = urlparse(conn["base_url"])
+        kw["host"], kw["base_port"] = u.hostname, u.port or 39000
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 5.x: license argument deprecated
+        warnings.simplefilter("ignore", UserWarning)  # one warning per retried request; the error says it
+        if "base_url" in accepted and "base_url" not in kw:
+            kw["base_url"] = None  # keep 5.x from reading CRYOSPARC_BASE_URL captured at import time
+        return cls(**kw)
+
+
+def find_project(cs: Any, project_uid: str) -> Any:
+    return cs.find_project(project_uid)
+
+
+def project_dir(project: Any) -> str:
+    """The project folder as the server sees it (5.x: property; 4.x: method)."""
+    d = project.dir
+    if callable(d) and not isinstance(d, PurePosixPath):
+        d = d()
+    return str(d)
+
+
+def create_job(project: Any, workspace_uid: str, title: str, desc: str = "") -> Any:
+    return project.create_external_job(workspace_uid, title=title, desc=desc)
+
+
+def job_uid(job: Any) -> str:
+    return str(job.uid)
+
+
+def connect_particles(job: Any, source_job: str, source_output: str) -> None:
+    """Particle input (blob and ctf required, alignments3D optional), connected to J.output."""
+    job.add_input("particle", PARTICLES_INPUT, min=1, max=1, slots=INPUT_SLOTS, title="Particles")
+    job.connect(PARTICLES_INPUT, source_job, source_output)
+
+
+def load_particles(job: Any) -> Dataset:
+    return job.load_input(PARTICLES_INPUT)
+
+
+@contextlib.contextmanager
+def running(job: Any) -> Iterator[Any]:
+    """``with job.run():`` marks the job running, then completed, or failed with the traceback."""
+    with job.run():
+        yield job
+
+
+def log(job: Any, text: str, level: str = "text") -> None:
+    job.log(text, level=level)
+
+
+def download(project: Any, rel_path: str, target: str | os.PathLike) -> None:
+    """Copy a project file (e.g. a particle stack) to this machine."""
+    project.download_file(rel_path, str(target))
+
+
+def upload(job: Any, name: str, local_path: str | os.PathLike) -> str:
+    """Upload a file into the job folder; returns its project-relative path ``J42/name``."""
+    job.upload(name, str(local_path), overwrite=True)
+    return str(PurePosixPath(job_uid(job)) / name)
+
+
+def add_volume_output(job: Any) -> Dataset:
+    """Add the ``volume`` output (slots map, map_half_A, map_half_B); returns a 1-row allocation."""
+    slots = [{"name": s, "dtype": VOLUME_SLOT_DTYPE} for s in VOLUME_SLOTS]
+    return job.add_output("volume", VOLUME_OUTPUT, slots=slots, title="cryoSPIN map", alloc=1)
+
+
+def add_particles_output(job: Any, like: Dataset) -> Dataset:
+    """Add the ``particles`` output (new alignments3D, rest passed through from the input);
+    returns an allocation with the uids of ``like``."""
+    return job.add_output("particle", PARTICLES_OUTPUT, slots=["alignments3D"], passthrough=PARTICLES_INPUT,
+                          title="Particles with cryoSPIN poses", alloc=like)
+
+
+def save_output(job: Any, name: str, ds: Dataset) -> None:
+    job.save_output(name, ds)
