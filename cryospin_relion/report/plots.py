@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import matplotlib
