@@ -6,8 +6,9 @@ Examples:
   cryospin convert --i old_30.star --o new_31.star      (RELION 3.0 -> 3.1 layout)
 
 The image stacks are not read and need not exist: stack paths are copied as the
-input gives them (project-relative), so run the command from the project folder
-the output will be used in.
+input gives them (project-relative), so use the output from the same project
+folder. A STAR file cannot record cryoSPARC's ``blob/sign``: images with dark
+protein (sign -1) stay dark, and a warning says so.
 """
 
 from __future__ import annotations
@@ -26,15 +27,21 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="pixel size in A, used only when the input has none")
     parser.add_argument("--no-ctf", dest="no_ctf", action="store_true",
                         help="accept input without CTF parameters (and ignore any CTF)")
+    parser.add_argument("--check-stacks", dest="check_stacks", action="store_true",
+                        help="require every image stack to exist and hold the indexed images")
 
 
 def main(args: argparse.Namespace) -> int:
     particle_format(args.o)  # refuse an unknown output type before reading anything
     table = read_particles(args.i, datadir=args.datadir, angpix=args.angpix, no_ctf=args.no_ctf,
-                           check_stacks=False)
+                           check_stacks=args.check_stacks)
     if not table.box:
         print(f"cryospin convert: warning: image size unknown (no rlnImageSize and no stack found); "
               f"pass --datadir to read it from the stacks", file=sys.stderr)
+    if table.sign < 0 and particle_format(args.o) == "star":
+        print(f"cryospin convert: warning: blob/sign = {table.sign:g}: these images have dark protein, and a "
+              f"STAR file cannot say so; RELION expects white protein (invert the stacks, or pass --invert "
+              f"to cryospin when using this STAR)", file=sys.stderr)
     write_particles(table, args.o)
     poses = "with poses" if table.has_poses else "without poses"
     print(f"wrote {len(table)} particles ({poses}) to {args.o}")

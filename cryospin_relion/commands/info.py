@@ -1,7 +1,8 @@
 """Summarise a particle STAR or .cs file: counts, box, pixel sizes, optics, CTF, poses, halves, stacks.
 
-Missing image stacks are reported, not treated as an error. ``--json`` prints
-the same summary as JSON.
+Missing image stacks are reported, not treated as an error (``--check-images``
+reads every image and fails on missing stacks or NaN/inf pixels). ``--json``
+prints the same summary as JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="pixel size in A, used only when the input has none")
     parser.add_argument("--no-ctf", dest="no_ctf", action="store_true",
                         help="accept input without CTF parameters")
+    parser.add_argument("--check-images", dest="check_images", action="store_true",
+                        help="read every image: fail on missing stacks, bad indices or NaN/inf pixels")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -76,12 +79,21 @@ def format_summary(s: dict) -> str:
     lines.append(f"image sign    : {s['image_sign']:+g}")
     lines.append(f"stacks        : {s['stacks']} ({s['missing_stacks']} missing)")
     lines += [f"  missing: {m}" for m in s["missing_stack_examples"]]
+    if "images_checked" in s:
+        lines.append(f"images        : all {s['images_checked']} read, finite")
     return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:
     table = read_particles(args.i, datadir=args.datadir, angpix=args.angpix, no_ctf=args.no_ctf,
-                           check_stacks=False)
+                           check_stacks=args.check_images)
     s = summarize(table)
+    if args.check_images:
+        from cryospin_relion.data.stack import ImageSource
+
+        src, n = ImageSource(table), len(table)
+        for a in range(0, n, 1024):
+            src.images(np.arange(a, min(a + 1024, n)))
+        s["images_checked"] = n
     print(json.dumps(s, indent=1) if args.json else format_summary(s))
     return 0
