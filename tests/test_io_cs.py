@@ -105,6 +105,16 @@ def test_leading_gt_stripped_and_micrographs(shared_data, tmp_path):
     assert p["rlnImageName"][1].startswith("000002@")
 
 
+def test_cs_micrograph_path_becomes_rlnMicrographName(shared_data, tmp_path):
+    ds = Dataset.load(shared_data / "cryodrgn" / "cryosparc_J2_particles_exported.cs")
+    ds.add_fields([("location/micrograph_path", "O")])
+    ds["location/micrograph_path"] = np.array([f">J1/imported/mic{i}.mrc" for i in range(len(ds))], dtype=object)
+    ds.save(tmp_path / "m.cs")
+    write_particles(read_cs(tmp_path / "m.cs", check_stacks=False), tmp_path / "m.star")
+    p = starfile.read(tmp_path / "m.star")["particles"]
+    assert p["rlnMicrographName"][3] == "J1/imported/mic3.mrc"
+
+
 def test_alignments_class_0_prefix(shared_data, tmp_path):
     src = shared_data / "cryodrgn" / "cryosparc_P12_J24_001_particles.cs"
     ds = Dataset.load(src)

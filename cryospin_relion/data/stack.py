@@ -50,6 +50,9 @@ class ImageSource:
     def __len__(self) -> int:
         return len(self.table)
 
+    def __getstate__(self) -> dict:  # worker processes reopen their own memory maps
+        return {**self.__dict__, "_open": OrderedDict()}
+
     def _stack(self, path: str, row: int) -> np.ndarray:
         mm = self._open.get(path)
         if mm is not None:
