@@ -26,6 +26,28 @@ VOLUME_OUTPUT = "volume"
 VOLUME_SLOT_DTYPE = "volume_blob"  # dtype of the map / map_half_A / map_half_B slots of volume outputs
 
 
+def tools_major() -> int:
+    """Major version of the installed cryosparc-tools (4 or 5)."""
+    import cryosparc
+
+    try:
+        return int(str(cryosparc.__version__).split(".")[0])
+    except ValueError:
+        return 5
+
+
+def slot(name: str, dtype: str | None = None, required: bool = True) -> dict:
+    """A slot spec in the form the installed cryosparc-tools takes: 5.x {name, dtype, required};
+    4.x {prefix, dtype, required} (5.x warns on 'prefix')."""
+    key = "name" if tools_major() >= 5 else "prefix"
+    return {key: name, "dtype": dtype or name, "required": required}
+
+
+def input_slots() -> list[dict]:
+    """blob and ctf required, alignments3D optional (convert.INPUT_SLOTS, '?' = optional)."""
+    return [slot(s.lstrip("?"), required=not s.startswith("?")) for s in INPUT_SLOTS]
+
+
 def _cryosparc_class():
     from cryosparc.tools import CryoSPARC
 
@@ -94,7 +116,7 @@ def job_uid(job: Any) -> str:
 
 def connect_particles(job: Any, source_job: str, source_output: str) -> None:
     """Particle input (blob and ctf required, alignments3D optional), connected to J.output."""
-    job.add_input("particle", PARTICLES_INPUT, min=1, max=1, slots=INPUT_SLOTS, title="Particles")
+    job.add_input("particle", PARTICLES_INPUT, min=1, max=1, slots=input_slots(), title="Particles")
     job.connect(PARTICLES_INPUT, source_job, source_output)
 
 
@@ -120,20 +142,23 @@ def download(project: Any, rel_path: str, target: str | os.PathLike) -> None:
 
 def upload(job: Any, name: str, local_path: str | os.PathLike) -> str:
     """Upload a file into the job folder; returns its project-relative path ``J42/name``."""
-    job.upload(name, str(local_path), overwrite=True)
+    try:
+        job.upload(name, str(local_path), overwrite=True)
+    except TypeError:  # 4.x: no overwrite argument
+        job.upload(name, str(local_path))
     return str(PurePosixPath(job_uid(job)) / name)
 
 
 def add_volume_output(job: Any) -> Dataset:
     """Add the ``volume`` output (slots map, map_half_A, map_half_B); returns a 1-row allocation."""
-    slots = [{"name": s, "dtype": VOLUME_SLOT_DTYPE} for s in VOLUME_SLOTS]
+    slots = [slot(s, VOLUME_SLOT_DTYPE) for s in VOLUME_SLOTS]
     return job.add_output("volume", VOLUME_OUTPUT, slots=slots, title="cryoSPIN map", alloc=1)
 
 
 def add_particles_output(job: Any, like: Dataset) -> Dataset:
     """Add the ``particles`` output (new alignments3D, rest passed through from the input);
     returns an allocation with the uids of ``like``."""
-    return job.add_output("particle", PARTICLES_OUTPUT, slots=["alignments3D"], passthrough=PARTICLES_INPUT,
+    return job.add_output("particle", PARTICLES_OUTPUT, slots=[slot("alignments3D")], passthrough=PARTICLES_INPUT,
                           title="Particles with cryoSPIN poses", alloc=like)
 
 

@@ -535,3 +535,81 @@ def test_run_command_forwards_lines_and_raises(tmp_path):
     with pytest.raises(RuntimeError, match="bad thing"):
         convert.run_command([sys.executable, "-c", "import sys; print('bad thing'); sys.exit(3)"],
                             log=lines.append)
+
+
+# -- server.py against the installed cryosparc-tools' real method signatures (offline) -----
+
+
+class _SignatureChecked:
+    """Stands in for a cryosparc-tools controller: every call must bind to the real method's
+    signature (so a renamed or missing argument fails here), then returns a canned value."""
+
+    def __init__(self, real_cls, returns=None, **attrs):
+        self._real, self._returns, self.calls = real_cls, returns or {}, []
+        self.__dict__.update(attrs)
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        import inspect
+
+        real = getattr(self._real, name)
+
+        def call(*args, **kwargs):
+            inspect.signature(real).bind(self, *args, **kwargs)
+            self.calls.append((name, args, kwargs))
+            ret = self._returns.get(name)
+            return ret(*args, **kwargs) if callable(ret) else ret
+
+        return call
+
+
+def test_server_calls_bind_to_the_installed_cryosparc_tools(tmp_path, shared_data):
+    from contextlib import contextmanager
+
+    from cryosparc.controllers import as_input_slot, as_output_slot
+    from cryosparc.controllers.job import ExternalJobController
+    from cryosparc.controllers.project import ProjectController
+    from cryosparc.models.job_spec import InputSpec, OutputSpec
+    from cryosparc.tools import CryoSPARC
+
+    from cs_tools import server
+
+    ds = Dataset.load(shared_data / "cryodrgn" / "empiar_10076_7.cs")
+
+    @contextmanager
+    def run():
+        yield
+
+    job = _SignatureChecked(ExternalJobController, uid="J99", returns={
+        "load_input": lambda *a, **k: ds, "run": lambda: run(),
+        "add_output": lambda *a, **k: Dataset.allocate(1, []) if isinstance(k.get("alloc"), int) else
+        Dataset({"uid": k["alloc"]["uid"]})})
+    project = _SignatureChecked(ProjectController, returns={"create_external_job": lambda *a, **k: job})
+    cs = _SignatureChecked(CryoSPARC, returns={"find_project": lambda *a, **k: project})
+
+    assert server.find_project(cs, "P3") is project
+    assert server.create_job(project, "W1", "cryoSPIN ab-initio") is job
+    server.connect_particles(job, "J12", "particles_selected")
+    assert server.load_particles(job) is ds
+    with server.running(job):
+        server.log(job, "hello", "warning")
+    (tmp_path / "m.mrc").write_bytes(b"x")
+    assert server.upload(job, "cryospin_map.mrc", tmp_path / "m.mrc") == "J99/cryospin_map.mrc"
+    server.add_volume_output(job)
+    server.add_particles_output(job, ds)
+    server.save_output(job, "volume", Dataset.allocate(1, []))
+    server.download(project, "J1/imported/a.mrcs", tmp_path / "a.mrcs")
+    names = [c[0] for c in job.calls]
+    assert names == ["add_input", "connect", "load_input", "run", "log", "upload", "add_output", "add_output",
+                     "save_output"]
+    # the slot specs pass the library's own models
+    add_input = job.calls[0]
+    InputSpec(type="particle", title="Particles", description="",
+              slots=[as_input_slot(s) for s in add_input[2]["slots"]], count_min=1, count_max=1)
+    for name, args, kw in job.calls:
+        if name == "add_output":
+            OutputSpec(type=args[0], title=kw["title"], slots=[as_output_slot(s) for s in kw["slots"]],
+                       passthrough=kw.get("passthrough"))
+    vol = next(c for c in job.calls if c[0] == "add_output" and c[1][0] == "volume")
+    assert [as_output_slot(s).name for s in vol[2]["slots"]] == ["map", "map_half_A", "map_half_B"]
