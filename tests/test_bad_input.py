@@ -87,6 +87,7 @@ def test_pixel_size_missing_everywhere(project, capsys):
     assert run(["convert", "--i", str(star), "--o", str(out), "--angpix", "1.5"]) == 0
 
 
+@pytest.mark.filterwarnings("ignore:Data array contains NaN")
 def test_nan_image_names_particle(project, capsys):
     imgs = np.ones((4, 16, 16), np.float32)
     imgs[2, 3, 4] = np.nan
