@@ -193,8 +193,8 @@ def run_job(args: argparse.Namespace, extra: list[str], server: ModuleType | Non
 
     if server is None:
         from cs_tools import server
-    conn = resolve_connection(args, environ, saved_session=getattr(server, "has_saved_session", None))
     source_job, source_output = convert.parse_output_ref(args.particles)
+    conn = resolve_connection(args, environ, saved_session=getattr(server, "has_saved_session", None))
     url = conn["base_url"] or f"http://{conn['host']}:{conn['base_port']}"
     try:
         cs = server.connect(conn)
