@@ -1,0 +1,85 @@
+"""Image formation in Hartley space and the reconstruction losses.
+
+For a particle with pose A, content translation t (pixels at the working box n),
+CTF c and image y (real, (n, n)), the model compares, inside a radial mask,
+
+    model(k)  = shift_t( c(k) * slice_A(V)(k) )            (Hartley, centred layout)
+    target(k) = HT2(y)(k) / n
+
+on the central crop x crop frequencies (coarse-to-fine; crop = n at full size).
+The Hartley shift is ``geometry.shifts.hartley_shift`` with the translation
+rescaled to the crop's pixel units (t * crop / n), which gives exactly the phase
+exp(-2 pi i k.t / n) of the full box.
+
+Losses, per image, averaged over the masked coefficients:
+  - ``l1``: mean |model - target| (the reference)
+  - ``l2``: mean (model - target)^2 (Gaussian noise model)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from cryospin_relion.geometry.ctf import ctf_2d
+from cryospin_relion.geometry.fourier import crop_centered_2d, ht2_centered, radius_grid_2d
+from cryospin_relion.geometry.shifts import hartley_shift
+
+
+@dataclass
+class Batch:
+    """One batch prepared for the loss: everything on the compute device."""
+
+    idx: Tensor  # (B,) particle indices
+    images: Tensor  # (B, n, n) real images (encoder input)
+    target: Tensor  # (B, c, c) cropped Hartley transform / n
+    ctf: Tensor | None  # (B, c, c) CTF on the cropped grid, or None
+    mask: Tensor  # (c, c) bool
+    box: int  # n
+    crop: int  # c
+
+
+def crop_mask(box: int, crop: int, mask_radius: float = 1.0, device=None) -> Tensor:
+    """(crop, crop) bool: radius < crop / 2 and <= mask_radius * box / 2 (Fourier pixels of the full box).
+
+    The strict ``< crop / 2`` leaves out the unpaired edge row/column of an even crop."""
+    r = radius_grid_2d(crop, device=device)  # radius in pixels of the crop grid == full-box Fourier pixels
+    return (r < crop / 2) & (r <= mask_radius * box / 2)
+
+
+def ctf_cropped(box: int, crop: int, apix: Tensor, params: dict[str, Tensor]) -> Tensor:
+    """CTF (B, crop, crop) at the central crop frequencies of a box-``box`` image of pixel size apix."""
+    return ctf_2d(crop, apix * (box / crop), params)
+
+
+def prepare_batch(idx: Tensor, images: Tensor, apix: Tensor, ctf_params: dict[str, Tensor] | None,
+                  crop: int, mask_radius: float = 1.0) -> Batch:
+    """Targets, CTF and mask for real images (B, n, n) on their device.
+
+    Args:
+        apix: (B,) pixel size at the working box.
+        ctf_params: dict of (B,) tensors (``ctf.ctf_2d`` keys), or None.
+    """
+    n = images.shape[-1]
+    target = crop_centered_2d(ht2_centered(images), crop) / n
+    ctf = None if ctf_params is None else ctf_cropped(n, crop, apix, ctf_params).to(images.dtype)
+    return Batch(idx, images, target.contiguous(), ctf, crop_mask(n, crop, mask_radius, images.device), n, crop)
+
+
+def render(slices: Tensor, ctf: Tensor | None, shifts_px: Tensor, box: int) -> Tensor:
+    """Model Hartley images from slices (K, c, c), CTF (K, c, c) or None, shifts (K, 2) at the full box."""
+    c = slices.shape[-1]
+    x = slices if ctf is None else slices * ctf
+    return hartley_shift(x, shifts_px * (c / box))
+
+
+def per_image_loss(model: Tensor, target: Tensor, mask: Tensor, kind: str = "l1") -> Tensor:
+    """(..., c, c) model vs target (broadcast) -> (...) mean loss over the mask."""
+    d = (model - target)[..., mask]
+    if kind == "l1":
+        return d.abs().mean(-1)
+    if kind == "l2":
+        return (d * d).mean(-1)
+    raise ValueError(f"unknown loss {kind!r}")

@@ -1,0 +1,382 @@
+"""The cryoSPIN schedule: stage 1 (auto-encoding) -> switch -> stage 2 (auto-decoding).
+
+No file I/O here: ``AbinitEngine`` takes tensors and a config and keeps all state
+in memory; ``state_dict()`` / ``load_state_dict()`` give a checkpoint made only of
+tensors, dicts, lists and primitives (loadable with ``torch.load(weights_only=True)``).
+The command (``commands/abinit.py``) reads the data, writes checkpoints and outputs.
+
+Entry points:
+  - ``AbinitEngine(images, apix_work, ctf, config, device)``
+  - ``engine.run(should_stop=None, on_epoch_end=None) -> "done" | "stopped"``
+  - ``engine.final_poses() -> (rotations (N, 3, 3) RELION A float64, shifts_px (N, 2))``
+  - ``engine.decoder_map() -> (n, n, n) float32``
+  - ``run_abinit(...)`` one-call wrapper.
+
+Switch (stage 1 -> 2): after ``epochs_amortized`` epochs, or earlier (at least
+``min_epochs_amortized``) once the median geodesic change of each image's winning
+pose between two epochs is below ``switch_threshold_deg``. The winning pose of
+every image is stored as the epoch runs, so the pose table is initialised from
+it without an extra inference pass (an extra pass would cost a whole epoch of
+encoder + M-slice forward work; at the switch the encoder is by construction
+barely changing, so the stored poses are practically the ones a pass would give).
+
+Coarse-to-fine: epoch e works on the central c(e) x c(e) Fourier box,
+c(e) = c0 + (n - c0) * min(1, e / c2f_epochs), rounded to even, c0 = c2f_start * n.
+
+Batches: epoch e visits the particles in the order randperm(N) seeded by
+(seed, e), split into ceil(N / batch_size) near-equal batches; a run stopped
+mid-epoch resumes at the next batch of the same order, so a resumed run is
+identical to an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cryospin_relion.config import AbinitConfig
+from cryospin_relion.engine.losses import prepare_batch
+from cryospin_relion.engine.stage1 import stage1_step
+from cryospin_relion.engine.stage2 import stage2_step
+from cryospin_relion.geometry.fourier import ht2_centered
+from cryospin_relion.geometry.rotations import geodesic_distance_deg
+from cryospin_relion.model.encoder import PoseEncoder
+from cryospin_relion.model.pose_table import PoseTable
+from cryospin_relion.model.volume import HartleyVolume, radial_profile_2d
+
+log = logging.getLogger("cryospin.abinit")
+
+CHECKPOINT_VERSION = 1
+_FLIP = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def flip_hand_poses(R: np.ndarray | Tensor):
+    """Poses of the mirrored map v'(x, y, z) = v(x, y, -z): A' = Q A Q, Q = diag(1, 1, -1).
+
+    (Shifts are unchanged.) Projections of v' at A' equal those of v at A.
+    """
+    if isinstance(R, np.ndarray):
+        Q = _FLIP.numpy()
+        return Q @ R @ Q
+    Q = _FLIP.to(R)
+    return Q @ R @ Q
+
+
+def flip_hand_map(vol: Tensor) -> Tensor:
+    """v'(z) = v(-z) about the centre n // 2 (z is axis 0 in MRC order)."""
+    n = vol.shape[0]
+    out = torch.flip(vol, dims=(0,))
+    return torch.roll(out, 1, dims=0) if n % 2 == 0 else out
+
+
+def crop_for_epoch(cfg: AbinitConfig, box: int, epoch: int) -> int:
+    if not cfg.coarse_to_fine:
+        return box
+    c0 = max(8, int(round(cfg.c2f_start * box / 2)) * 2)
+    E = cfg.c2f_epochs if cfg.c2f_epochs is not None else cfg.min_epochs_amortized + 1
+    if c0 >= box or E <= 0 or epoch >= E:
+        return box
+    c = c0 + (box - c0) * epoch / E
+    return min(box, int(round(c / 2)) * 2)
+
+
+def _epoch_order(seed: int, epoch: int, n: int, batch_size: int) -> list[Tensor]:
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch) + 17)
+    perm = torch.randperm(n, generator=g)
+    nb = max(1, math.ceil(n / batch_size))
+    return list(torch.tensor_split(perm, nb))
+
+
+def _rng_state() -> dict:
+    st = np.random.get_state()
+    py = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": st[0], "keys": torch.from_numpy(st[1].astype(np.int64)), "pos": int(st[2]),
+                  "has_gauss": int(st[3]), "cached_gaussian": float(st[4])},
+        "python": {"version": py[0], "state": list(py[1]), "gauss_next": py[2]},
+    }
+
+
+def _set_rng_state(d: dict) -> None:
+    torch.set_rng_state(d["torch"])
+    n = d["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = d["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+def _new_history() -> dict:
+    return {k: [] for k in ("epoch", "stage", "loss", "time_s", "images_per_s", "crop", "lr_encoder", "lr_decoder",
+                            "lr_pose", "head_win_share", "pose_change_deg", "switched")} | {"switch_epoch": None}
+
+
+class AbinitEngine:
+    """Holds the model, optimisers, pose table and schedule state of one ab-initio run."""
+
+    def __init__(self, images, apix_work, ctf: dict[str, Tensor] | None, config: AbinitConfig,
+                 device: str | torch.device = "cpu", progress: bool = True):
+        self.cfg = config
+        self.device = torch.device(device)
+        self.images = images  # (N, n, n) numpy memmap / array or tensor (kept on the host)
+        self.N, self.box = int(images.shape[0]), int(images.shape[-1])
+        if self.box % 2:
+            raise ValueError("the working box must be even")
+        ap = torch.as_tensor(apix_work, dtype=torch.float32)
+        self.apix = (ap.expand(self.N) if ap.ndim == 0 else ap).to(self.device).contiguous()
+        self.ctf = None if (ctf is None or config.no_ctf) else {k: torch.as_tensor(v, dtype=torch.float32).to(self.device) for k, v in ctf.items()}
+        self.progress = progress
+        self.max_shift = config.shift_bound(self.box)
+        torch.manual_seed(config.seed)
+        n = self.box
+        self.encoder = PoseEncoder(n, config.heads, self.max_shift, config.preset, config.octaves).to(self.device)
+        self.volume = HartleyVolume(n, config.volume_param, config.mask_radius, self._radial_scale()).to(self.device)
+        self.opt_encoder = torch.optim.Adam(self.encoder.parameters(), lr=config.lr_encoder)
+        self.opt_volume1 = torch.optim.Adam(self.volume.parameters(), lr=config.lr_decoder)
+        self.opt_volume2 = torch.optim.Adam(self.volume.parameters(), lr=config.lr_decoder_stage2)
+        self.table = PoseTable(self.N, self.device, config.lr_pose, config.lr_shift, config.pose_betas, max_shift=self.max_shift)
+        self.win_R = torch.eye(3, device=self.device).repeat(self.N, 1, 1)
+        self.win_t = torch.zeros(self.N, 2, device=self.device)
+        self.prev_R: Tensor | None = None  # winning (stage 1) / table (stage 2) poses at the previous epoch end
+        self.epoch = 0  # completed epochs
+        self.stage = 1
+        self.batch_pos = 0  # completed batches in the current epoch
+        self.done = False
+        self.acc = self._new_acc()
+        self.history = _new_history()
+
+    # -- helpers -------------------------------------------------------------------
+    def _new_acc(self) -> dict:
+        return {"loss_sum": 0.0, "count": 0, "time_s": 0.0, "wins": [0] * self.cfg.heads}
+
+    def _load_images(self, idx: Tensor) -> Tensor:
+        ii = idx.numpy()
+        if isinstance(self.images, Tensor):
+            x = self.images[idx]
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(np.asarray(self.images[np.sort(ii)]), dtype=np.float32))
+            order = np.argsort(np.argsort(ii))  # back to idx order
+            x = x[torch.from_numpy(order)]
+        return x.to(device=self.device, dtype=torch.float32)
+
+    def _radial_scale(self) -> Tensor:
+        """RMS Hartley coefficient per shell over up to 512 evenly spaced images (the preconditioner)."""
+        k = min(self.N, 512)
+        idx = torch.from_numpy(np.unique(np.linspace(0, self.N - 1, k).round().astype(np.int64)))
+        x = self._load_images(idx)
+        return radial_profile_2d(ht2_centered(x) / self.box).cpu()
+
+    def batch(self, idx: Tensor, crop: int):
+        idx = idx.to(self.device)
+        imgs = self._load_images(idx.cpu())
+        ctf = None if self.ctf is None else {k: v[idx] for k, v in self.ctf.items()}
+        return prepare_batch(idx, imgs, self.apix[idx], ctf, crop, self.cfg.mask_radius)
+
+    def crop(self, epoch: int | None = None) -> int:
+        return crop_for_epoch(self.cfg, self.box, self.epoch if epoch is None else epoch)
+
+    @property
+    def total_epochs_max(self) -> int:
+        if self.history["switch_epoch"] is not None:
+            return self.history["switch_epoch"] + self.cfg.epochs_autodecode
+        return self.cfg.epochs_amortized + self.cfg.epochs_autodecode
+
+    # -- the schedule ------------------------------------------------------------------
+    def run(self, should_stop: Callable[[], bool] | None = None,
+            on_epoch_end: Callable[["AbinitEngine"], None] | None = None) -> str:
+        """Train until the schedule ends ("done") or ``should_stop()`` turns true ("stopped").
+
+        ``should_stop`` is polled after every batch; a stopped engine is at a batch
+        boundary and its ``state_dict()`` resumes exactly there.
+        """
+        should_stop = should_stop or (lambda: False)
+        while not self.done:
+            if not self._run_epoch(should_stop):
+                return "stopped"
+            self._end_epoch()
+            if on_epoch_end is not None:
+                on_epoch_end(self)
+            if should_stop() and not self.done:
+                return "stopped"
+        return "done"
+
+    def _run_epoch(self, should_stop) -> bool:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        batches = _epoch_order(cfg.seed, self.epoch, self.N, cfg.batch_size)
+        c = self.crop()
+        desc = f"epoch {self.epoch + 1}/{self.total_epochs_max} stage {self.stage} box {c}"
+        bar = tqdm(total=len(batches), initial=self.batch_pos, desc=desc, disable=not self.progress,
+                   leave=False, dynamic_ncols=True, unit="batch")
+        if self.batch_pos == 0 and self.stage == 2:
+            self.prev_R = self.table.rotations.clone()
+        try:
+            for bi in range(self.batch_pos, len(batches)):
+                t0 = time.perf_counter()
+                b = self.batch(batches[bi], c)
+                if self.stage == 1:
+                    out = stage1_step(self.encoder, self.volume, self.opt_encoder, self.opt_volume1, b, cfg.loss)
+                    self.win_R[b.idx] = out["rot"]
+                    self.win_t[b.idx] = out["shift"]
+                    counts = torch.bincount(out["win"], minlength=cfg.heads).tolist()
+                    self.acc["wins"] = [a + int(x) for a, x in zip(self.acc["wins"], counts)]
+                else:
+                    out = stage2_step(self.volume, self.table, self.opt_volume2, b, cfg.pose_iters, cfg.vol_iters, cfg.loss)
+                nb = int(b.idx.shape[0])
+                self.acc["loss_sum"] += out["loss"] * nb
+                self.acc["count"] += nb
+                self.acc["time_s"] += time.perf_counter() - t0
+                self.batch_pos = bi + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.acc['loss_sum'] / self.acc['count']:.4g}",
+                                img_s=f"{self.acc['count'] / max(self.acc['time_s'], 1e-9):.0f}")
+                if self.batch_pos < len(batches) and should_stop():
+                    return False
+        finally:
+            bar.close()
+        return True
+
+    def _end_epoch(self) -> None:
+        cfg, h, a = self.cfg, self.history, self.acc
+        e = self.epoch
+        if self.stage == 1:
+            change = (float(geodesic_distance_deg(self.prev_R.double(), self.win_R.double()).median())
+                      if self.prev_R is not None else float("nan"))
+            tot = max(1, sum(a["wins"]))
+            share = [w / tot for w in a["wins"]]
+        else:
+            change = float(geodesic_distance_deg(self.prev_R.double(), self.table.rotations.double()).median())
+            share = None
+        h["epoch"].append(e + 1)
+        h["stage"].append(self.stage)
+        h["loss"].append(a["loss_sum"] / max(1, a["count"]))
+        h["time_s"].append(a["time_s"])
+        h["images_per_s"].append(a["count"] / max(a["time_s"], 1e-9))
+        h["crop"].append(self.crop())
+        h["lr_encoder"].append(cfg.lr_encoder if self.stage == 1 else 0.0)
+        h["lr_decoder"].append(cfg.lr_decoder if self.stage == 1 else cfg.lr_decoder_stage2)
+        h["lr_pose"].append(0.0 if self.stage == 1 else cfg.lr_pose)
+        h["head_win_share"].append(share)
+        h["pose_change_deg"].append(None if math.isnan(change) else change)
+        switched = False
+        if self.stage == 1:
+            n_done = e + 1
+            if n_done >= cfg.epochs_amortized or (
+                cfg.auto_switch and n_done >= cfg.min_epochs_amortized and not math.isnan(change)
+                and change < cfg.switch_threshold_deg
+            ):
+                self.table.set(self.win_R, self.win_t)
+                self.stage = 2
+                h["switch_epoch"] = n_done
+                switched = True
+            self.prev_R = self.win_R.clone()
+        h["switched"].append(switched)
+        msg = (f"epoch {e + 1} stage {h['stage'][-1]} box {h['crop'][-1]} loss {h['loss'][-1]:.5g} "
+               f"time {a['time_s']:.1f}s ({h['images_per_s'][-1]:.0f} img/s)")
+        if change == change:
+            msg += f" pose change {change:.2f} deg"
+        if share is not None:
+            msg += " heads " + "/".join(f"{100 * s:.0f}" for s in share) + "%"
+        if switched:
+            msg += f" -> switch to auto-decoding after {e + 1} epochs"
+        log.info(msg)
+        self.epoch += 1
+        self.batch_pos = 0
+        self.acc = self._new_acc()
+        if self.stage == 2 and self.epoch >= h["switch_epoch"] + cfg.epochs_autodecode:
+            self.done = True
+
+    # -- results -------------------------------------------------------------------------
+    def final_poses(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rotations (N, 3, 3) RELION A, shifts (N, 2) working-box pixels, content translation).
+
+        From the pose table after the switch, else from the winning heads."""
+        if self.stage == 2:
+            R, t = self.table.rotations, self.table.shifts
+        else:
+            R, t = self.win_R, self.win_t
+        R = R.detach().double().cpu().numpy()
+        t = t.detach().double().cpu().numpy()
+        if self.cfg.flip_hand:
+            R = flip_hand_poses(R)
+        return R, t
+
+    def decoder_map(self) -> Tensor:
+        """The learned volume in real space, (n, n, n) float32 on the CPU (hand-flipped with flip_hand)."""
+        v = self.volume.real_map().cpu()
+        return flip_hand_map(v) if self.cfg.flip_hand else v
+
+    # -- checkpoint ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "config": self.cfg.to_dict(),
+            "n_particles": self.N,
+            "box": self.box,
+            "epoch": self.epoch,
+            "stage": self.stage,
+            "batch_pos": self.batch_pos,
+            "done": self.done,
+            "acc": dict(self.acc, wins=list(self.acc["wins"])),
+            "history": self.history,
+            "encoder": {k: v.cpu() for k, v in self.encoder.state_dict().items()},
+            "volume": {k: v.cpu() for k, v in self.volume.state_dict().items()},
+            "opt_encoder": _opt_to_cpu(self.opt_encoder.state_dict()),
+            "opt_volume1": _opt_to_cpu(self.opt_volume1.state_dict()),
+            "opt_volume2": _opt_to_cpu(self.opt_volume2.state_dict()),
+            "pose_table": self.table.state_dict(),
+            "win_R": self.win_R.cpu(),
+            "win_t": self.win_t.cpu(),
+            "prev_R": None if self.prev_R is None else self.prev_R.cpu(),
+            "rng": _rng_state(),
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        if d.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"unsupported checkpoint version {d.get('version')}")
+        if d["n_particles"] != self.N or d["box"] != self.box:
+            raise ValueError(f"checkpoint is for {d['n_particles']} particles at box {d['box']}, "
+                             f"not {self.N} at box {self.box}")
+        dev = self.device
+        self.encoder.load_state_dict(d["encoder"])
+        self.volume.load_state_dict(d["volume"])
+        self.opt_encoder.load_state_dict(d["opt_encoder"])
+        self.opt_volume1.load_state_dict(d["opt_volume1"])
+        self.opt_volume2.load_state_dict(d["opt_volume2"])
+        self.table.load_state_dict(d["pose_table"])
+        self.win_R, self.win_t = d["win_R"].to(dev), d["win_t"].to(dev)
+        self.prev_R = None if d["prev_R"] is None else d["prev_R"].to(dev)
+        self.epoch, self.stage, self.batch_pos, self.done = d["epoch"], d["stage"], d["batch_pos"], d["done"]
+        self.acc = dict(d["acc"])
+        self.history = d["history"]
+        _set_rng_state(d["rng"])
+
+
+def _opt_to_cpu(sd: dict) -> dict:
+    return {"state": {k: {kk: (vv.cpu() if isinstance(vv, Tensor) else vv) for kk, vv in v.items()}
+                      for k, v in sd["state"].items()},
+            "param_groups": sd["param_groups"]}
+
+
+def run_abinit(images, apix_work, ctf, config: AbinitConfig, device="cpu", should_stop=None, on_epoch_end=None,
+               state: dict | None = None, progress: bool = False) -> AbinitEngine:
+    """Build an engine (optionally from a checkpoint ``state``), run it and return it."""
+    eng = AbinitEngine(images, apix_work, ctf, config, device, progress)
+    if state is not None:
+        eng.load_state_dict(state)
+    eng.run(should_stop, on_epoch_end)
+    return eng
