@@ -204,7 +204,13 @@ def run_job(args: argparse.Namespace, extra: list[str], server: ModuleType | Non
     job = server.create_job(project, args.workspace, args.title)
     uid = server.job_uid(job)
     print(f"{PROG}: created External job {args.project} {uid} in {args.workspace}", file=sys.stderr)
-    server.connect_particles(job, source_job, source_output)
+    try:
+        server.connect_particles(job, source_job, source_output)
+    except Exception as e:
+        msg = f"cannot connect {source_job}.{source_output} to {uid}: {_first_line(e)}"
+        if hasattr(server, "fail"):
+            server.fail(job, msg)
+        raise RuntimeError(msg) from None
 
     def log(text: str, level: str = "text") -> None:
         print(f"[{uid}] {text}", file=sys.stderr)

@@ -131,6 +131,12 @@ def running(job: Any) -> Iterator[Any]:
         yield job
 
 
+def fail(job: Any, message: str) -> None:
+    """Best effort: mark a job that never started as failed (``job.stop(error=...)``)."""
+    with contextlib.suppress(Exception):
+        job.stop(error=message)
+
+
 def log(job: Any, text: str, level: str = "text") -> None:
     job.log(text, level=level)
 

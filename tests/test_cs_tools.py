@@ -520,6 +520,19 @@ def test_run_job_failure_marks_job_failed(empiar, shared_data, tmp_path, monkeyp
     assert any("boom" in t for _, t in job.logs)
 
 
+def test_connect_failure_marks_job_failed(empiar, shared_data, tmp_path, monkeypatch):
+    fake, job, calls, args, unknown, ds = _run_fake(empiar, shared_data, tmp_path, monkeypatch)
+
+    def no_output(j, sj, so):
+        raise ValueError(f"Source job {sj} does not have output {so}")
+
+    fake.connect_particles = no_output
+    fake.fail = lambda j, msg: setattr(j, "state", f"failed: {msg}")
+    with pytest.raises(RuntimeError, match="does not have output particles_selected"):
+        ej.run_job(args, unknown, server=fake, environ={})
+    assert job.state.startswith("failed") and "\n" not in job.state
+
+
 def test_missing_stacks_named_in_one_line(empiar, shared_data, tmp_path, monkeypatch):
     fake, job, calls, args, unknown, ds = _run_fake(empiar, shared_data, tmp_path, monkeypatch,
                                                     extra=["--project-dir", str(tmp_path / "nowhere")])
@@ -600,9 +613,10 @@ def test_server_calls_bind_to_the_installed_cryosparc_tools(tmp_path, shared_dat
     server.add_particles_output(job, ds)
     server.save_output(job, "volume", Dataset.allocate(1, []))
     server.download(project, "J1/imported/a.mrcs", tmp_path / "a.mrcs")
+    server.fail(job, "boom")
     names = [c[0] for c in job.calls]
     assert names == ["add_input", "connect", "load_input", "run", "log", "upload", "add_output", "add_output",
-                     "save_output"]
+                     "save_output", "stop"]
     # the slot specs pass the library's own models
     add_input = job.calls[0]
     InputSpec(type="particle", title="Particles", description="",
