@@ -1,0 +1,360 @@
+"""Map alignment over rotations, translations and the hand (mirror), and the hand flip itself.
+
+Transform convention. ``transform_volume(vol, R, t, mirror)`` returns
+
+    out(r) = m(R^T (r - t)),   m = flip_volume_hand(vol) if mirror else vol
+
+with r measured from the centre voxel N // 2, r = (x, y, z) in voxels (x the
+MRC fast axis): the density is (mirrored, then) rotated by R about the centre,
+then moved by t. In Fourier space F_out(k) = exp(-2 pi i k.t) F_m(R^T k); it is
+computed by trilinear interpolation of the x2 oversampled spectrum (with the
+sinc^2 gridding pre-correction, as for central slices), so rotating does not
+blur the map the way real-space interpolation would.
+
+Poses. If V' = transform_volume(V, R) then the projection of V' at RELION pose
+A' equals the projection of V at A' R (so poses of V' are A R^T). The mirror
+(z flip about the centre) changes a pose A to M A M, M = diag(1, 1, -1), with
+unchanged origins: ``flip_poses_hand``. Both facts are checked by projecting in
+tests/test_flip_hand.py and tests/test_compare.py.
+
+``align_maps(mov, ref)`` finds (R, t, mirror) maximising the correlation of
+transform_volume(mov, R, t, mirror) with ref: a global search over a
+quasi-uniform set of rotations (super-Fibonacci spiral) at a reduced box
+(maps low-passed to ~1/4 of Nyquist), for both hands, with all translations at
+once by FFT cross-correlation; then a local pattern search over so3_exp
+perturbations at a medium and at the full box, with the translation peak
+refined to sub-voxel precision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cryospin_relion.geometry.fourier import fft3_centered, fourier_crop_3d, ifft3_centered
+from cryospin_relion.geometry.rotations import quaternion_to_matrix, so3_exp, so3_log
+from cryospin_relion.geometry.slicing import volume_to_projector
+
+__all__ = [
+    "MIRROR", "flip_volume_hand", "flip_poses_hand", "super_fibonacci_rotations", "transform_volume",
+    "AlignResult", "align_maps",
+]
+
+MIRROR = np.diag([1.0, 1.0, -1.0])
+
+
+# -- the hand ------------------------------------------------------------------------------------
+
+
+def flip_volume_hand(vol):
+    """Mirror a map along z about its centre voxel N // 2 (RELION / cryoSPARC "flip hand").
+
+    Index i -> (2 (N // 2) - i) mod N along z, which is (N - i) mod N for even N
+    (index 0, the unpaired edge plane, maps to itself) and N - 1 - i for odd N;
+    the centre plane N // 2 stays in place. Works on numpy arrays and tensors
+    of shape (..., z, y, x).
+    """
+    n = vol.shape[-3]
+    idx = (2 * (n // 2) - np.arange(n)) % n
+    if isinstance(vol, Tensor):
+        return vol.index_select(-3, torch.as_tensor(idx, device=vol.device))
+    return np.ascontiguousarray(np.take(vol, idx, axis=-3))
+
+
+def flip_poses_hand(rotations):
+    """Poses of the hand-flipped map: A -> M A M, M = diag(1, 1, -1) (origins unchanged).
+
+    Projections of ``flip_volume_hand(V)`` at the returned poses equal those of V
+    at ``rotations``. In RELION Euler angles this is (rot, tilt, psi) -> (rot + 180,
+    tilt, psi + 180). Numpy arrays or tensors (..., 3, 3).
+    """
+    if isinstance(rotations, Tensor):
+        m = torch.as_tensor(MIRROR, dtype=rotations.dtype, device=rotations.device)
+        return m @ rotations @ m
+    a = np.asarray(rotations, dtype=np.float64)
+    return MIRROR @ a @ MIRROR
+
+
+# -- rotation sets and volume transforms -----------------------------------------------------------
+
+
+def super_fibonacci_rotations(n: int, dtype=torch.float64) -> Tensor:
+    """(n, 3, 3) quasi-uniform rotations (super-Fibonacci spiral quaternions, Alexa 2022)."""
+    phi = math.sqrt(2.0)
+    psi = 1.533751168755204288118041
+    s = torch.arange(n, dtype=torch.float64) + 0.5
+    t = s / n
+    r, rr = torch.sqrt(t), torch.sqrt(1.0 - t)
+    a, b = 2 * math.pi * s / phi, 2 * math.pi * s / psi
+    q = torch.stack([r * torch.sin(a), r * torch.cos(a), rr * torch.sin(b), rr * torch.cos(b)], -1)
+    return quaternion_to_matrix(q).to(dtype)
+
+
+def _freq_coords(n: int, dtype=torch.float32) -> Tensor:
+    """(n, n, n, 3) centred integer frequency vectors (kx, ky, kz) on the (z, y, x) grid."""
+    k = torch.arange(n, dtype=dtype) - n // 2
+    kz, ky, kx = torch.meshgrid(k, k, k, indexing="ij")
+    return torch.stack([kx, ky, kz], -1)
+
+
+def _sample_rotated(spec: Tensor, rotations: Tensor, n: int, base: int, crop: int | None = None,
+                    chunks: int = 1) -> Tensor:
+    """F(R^T k) for the centred frequencies k of a box ``n``-grid (or its central ``crop``).
+
+    Args:
+        spec: (D, D, D) complex centred spectrum of a volume of box ``base`` padded to D.
+        rotations: (B, 3, 3) R.
+    Returns:
+        (B, c, c, c) complex, c = crop or n.
+    """
+    D = spec.shape[-1]
+    c = crop or n
+    k = _freq_coords(c, spec.real.dtype) * (D / base)  # padded-voxel units
+    q = torch.einsum("zyxi,bij->bzyxj", k, rotations.to(spec.real.dtype))  # (R^T k)_j = sum_i R_ij k_i
+    g = (q + D // 2) * (2.0 / (D - 1)) - 1.0
+    vol = torch.view_as_real(spec).permute(3, 0, 1, 2)  # (2, D, D, D)
+    B = rotations.shape[0]
+    outs = []
+    step = max(1, -(-B // chunks))
+    for a in range(0, B, step):
+        gb = g[a:a + step]
+        v = vol.unsqueeze(0).expand(gb.shape[0], *vol.shape)
+        o = F.grid_sample(v, gb, mode="bilinear", padding_mode="zeros", align_corners=True)
+        outs.append(torch.complex(o[:, 0], o[:, 1]))
+    return torch.cat(outs, 0)
+
+
+def _ramp3(t: Tensor, n: int, dtype=torch.float64) -> Tensor:
+    """exp(-2 pi i k.t) on the centred n^3 grid for a shift t = (tx, ty, tz) in voxels."""
+    f = (torch.arange(n, dtype=dtype) - n // 2) / n
+    t = t.to(dtype)
+    ph = -2 * math.pi * (f[None, None, :] * t[0] + f[None, :, None] * t[1] + f[:, None, None] * t[2])
+    return torch.polar(torch.ones_like(ph), ph)
+
+
+def transform_volume(vol, rotation=None, shift=None, mirror: bool = False) -> np.ndarray:
+    """out(r) = m(R^T (r - t)), m = flip_volume_hand(vol) if mirror (see module docstring).
+
+    Args:
+        vol: (n, n, n) real map.
+        rotation: (3, 3) R (None: identity).
+        shift: (3,) t = (x, y, z) in voxels (None: 0).
+    """
+    v = torch.as_tensor(np.asarray(vol, dtype=np.float32))
+    if mirror:
+        v = flip_volume_hand(v)
+    n = v.shape[-1]
+    if rotation is None:
+        ft = fft3_centered(v.double())
+    else:
+        spec = volume_to_projector(v, pad=2)
+        ft = _sample_rotated(spec, torch.as_tensor(np.asarray(rotation))[None], n, n)[0].to(torch.complex128)
+    if shift is not None:
+        ft = ft * _ramp3(torch.as_tensor(np.asarray(shift, dtype=np.float64)), n)
+    return ifft3_centered(ft).real.float().numpy()
+
+
+# -- scoring ------------------------------------------------------------------------------------
+
+
+class _Scorer:
+    """Normalised cross-correlation of rotated ``mov`` with ``ref`` at one box, maximised over translations."""
+
+    def __init__(self, mov: Tensor, ref: Tensor, box: int, rmax: float | None = None, refine_shift: bool = True):
+        n = mov.shape[-1]
+        self.refine_shift = refine_shift
+        self.n, self.box = n, box
+        m = fourier_crop_3d(mov, box) if box != n else mov
+        r = fourier_crop_3d(ref, box) if box != n else ref
+        self.scale = n / box  # full-box voxels per working voxel
+        self.spec = {False: volume_to_projector(m, 2), True: volume_to_projector(flip_volume_hand(m), 2)}
+        rad = _freq_coords(box).norm(dim=-1)
+        rmax = box / 2 - 0.5 if rmax is None else rmax
+        self.mask = (rad <= rmax) & (rad > 0.5)
+        self.kvec = _freq_coords(box, torch.float32) / box  # cycles per voxel, (b, b, b, 3)
+        fr = fft3_centered(r) * self.mask
+        self.fref = fr.to(torch.complex64)
+        self.ref_norm = float(fr.abs().pow(2).sum().sqrt())
+
+    def __call__(self, rotations: Tensor, mirror: bool, chunk: int = 256) -> tuple[Tensor, Tensor]:
+        """(B,) scores and (B, 3) best translations in FULL-box voxels (x, y, z)."""
+        b = self.box
+        scores, shifts = [], []
+        threads = max(1, torch.get_num_threads())
+        for a in range(0, rotations.shape[0], chunk):
+            R = rotations[a:a + chunk]
+            fm = _sample_rotated(self.spec[mirror], R, b, b, chunks=threads) * self.mask
+            norm = fm.abs().pow(2).sum((-3, -2, -1)).sqrt().clamp_min(1e-30)
+            x = fm.conj() * self.fref  # sum_k conj(Fm) Fref e^{2 pi i k t} = <shift_t(m), ref>
+            cc = torch.fft.ifftn(torch.fft.ifftshift(x, dim=(-3, -2, -1)), dim=(-3, -2, -1)).real * b**3
+            flat = cc.reshape(cc.shape[0], -1)
+            best, idx = flat.max(-1)
+            iz, iy, ix = idx // (b * b), (idx // b) % b, idx % b
+            sub = _subvoxel(cc, iz, iy, ix)
+            t = torch.stack([ix, iy, iz], -1).to(torch.float64) + sub
+            t = (t + b / 2) % b - b / 2  # wrap to [-b/2, b/2)
+            if self.refine_shift:
+                best, t = _newton_shift(x, t, self.kvec)
+            scores.append(best.double() / (norm.double() * self.ref_norm))
+            shifts.append(t * self.scale)
+        return torch.cat(scores), torch.cat(shifts)
+
+
+def _newton_shift(x: Tensor, t: Tensor, kvec: Tensor, iters: int = 3) -> tuple[Tensor, Tensor]:
+    """Maximise f(t) = Re sum_k x(k) exp(2 pi i k.t) near t by Newton steps (continuous translation).
+
+    Args:
+        x: (B, b, b, b) complex products conj(F_mov) F_ref; t: (B, 3) start (x, y, z) voxels.
+    Returns:
+        ((B,) f at the optimum, (B, 3) t).
+    """
+    t = t.to(torch.float32).clone()
+    k = kvec.reshape(-1, 3)  # (M, 3)
+    xf = x.reshape(x.shape[0], -1)
+    two_pi = 2 * math.pi
+    f = None
+    for it in range(iters + 1):
+        ph = torch.polar(torch.ones(1), two_pi * (t @ k.T))  # (B, M)
+        y = xf * ph
+        f = y.real.sum(-1)
+        if it == iters:
+            break
+        g = -two_pi * (y.imag @ k)  # (B, 3)
+        H = -(two_pi**2) * torch.einsum("bm,mi,mj->bij", y.real, k, k)
+        ok = torch.linalg.eigvalsh(H).max(-1).values < 0
+        step = -torch.linalg.solve(torch.where(ok[:, None, None], H, -torch.eye(3).expand_as(H)), g)
+        step = torch.where(ok[:, None], step, torch.zeros_like(step)).clamp(-0.5, 0.5)
+        t = t + step
+    return f.double(), t.double()
+
+
+def _subvoxel(cc: Tensor, iz: Tensor, iy: Tensor, ix: Tensor) -> Tensor:
+    """(B, 3) parabolic sub-voxel offsets (x, y, z) of the correlation peaks."""
+    b = cc.shape[-1]
+    ar = torch.arange(cc.shape[0])
+    out = []
+    for axis, (i0, dims) in enumerate(((ix, (0, 0, 1)), (iy, (0, 1, 0)), (iz, (1, 0, 0)))):
+        def at(d):
+            return cc[ar, (iz + d * dims[0]) % b, (iy + d * dims[1]) % b, (ix + d * dims[2]) % b]
+        cm, c0, cp = at(-1), at(0), at(1)
+        den = cm - 2 * c0 + cp
+        off = torch.where(den < 0, 0.5 * (cm - cp) / den.clamp_max(-1e-30), torch.zeros_like(den))
+        out.append(off.clamp(-0.5, 0.5))
+    return torch.stack(out, -1).double()
+
+
+def _local_search(scorer: _Scorer, R0: Tensor, mirror: bool, step_deg: float, min_step_deg: float,
+                  max_iter: int = 200, diagonals: bool = True) -> tuple[Tensor, float, Tensor]:
+    """Pattern search R = exp(w) R0 over the 6 axis moves +-step (+8 diagonals); halve the step when stuck."""
+    dirs = torch.cat([torch.eye(3), -torch.eye(3)]).double()
+    if diagonals:
+        diag = torch.tensor([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)], dtype=torch.float64)
+        dirs = torch.cat([dirs, diag / math.sqrt(3)])
+    R = R0.double()
+    s, t = scorer(R[None], mirror)
+    best, shift = float(s[0]), t[0]
+    step = math.radians(step_deg)
+    it = 0
+    while step >= math.radians(min_step_deg) and it < max_iter:
+        it += 1
+        cand = so3_exp(dirs * step) @ R
+        sc, ts = scorer(cand, mirror)
+        k = int(torch.argmax(sc))
+        if float(sc[k]) > best + 1e-9:
+            best, R, shift = float(sc[k]), cand[k], ts[k]
+        else:
+            step /= 2
+    return R, best, shift
+
+
+# -- the alignment --------------------------------------------------------------------------------
+
+
+@dataclass
+class AlignResult:
+    """transform_volume(mov, rotation, shift_px, mirror) ~ ref."""
+
+    rotation: np.ndarray  # (3, 3) R
+    shift_px: np.ndarray  # (3,) t (x, y, z) in voxels of the full box
+    mirror: bool
+    score: float  # normalised correlation at the full box
+    score_other_hand: float  # best correlation found with the opposite hand (medium box)
+    coarse_top: list = field(default_factory=list)
+
+    @property
+    def angle_deg(self) -> float:
+        return float(np.rad2deg(np.linalg.norm(so3_log(torch.as_tensor(self.rotation)).numpy())))
+
+
+def align_maps(
+    mov: np.ndarray,
+    ref: np.ndarray,
+    n_rotations: int = 4608,
+    coarse_box: int | None = None,
+    medium_box: int | None = None,
+    try_mirror: bool = True,
+    top_k: int = 3,
+    seed_rotations: np.ndarray | None = None,
+) -> AlignResult:
+    """Find (R, t, mirror) so that transform_volume(mov, R, t, mirror) best matches ``ref``.
+
+    Args:
+        mov, ref: (n, n, n) maps on the same grid.
+        n_rotations: size of the global rotation set (4608: ~9 degrees between neighbours).
+        coarse_box: box of the global search (default n // 4, at least 16; the maps
+            are Fourier-cropped to it, i.e. low-passed to ~1/4 Nyquist).
+        medium_box: box of the first local refinement (default min(n, 32)).
+        try_mirror: also search the mirrored map.
+        top_k: candidates per hand refined locally.
+    """
+    torch_mov = torch.as_tensor(np.asarray(mov, dtype=np.float32))
+    torch_ref = torch.as_tensor(np.asarray(ref, dtype=np.float32))
+    n = torch_mov.shape[-1]
+    # normalise: zero mean, unit norm (the score is normalised anyway; this keeps FFT values tame)
+    torch_mov = (torch_mov - torch_mov.mean()) / torch_mov.std().clamp_min(1e-30)
+    torch_ref = (torch_ref - torch_ref.mean()) / torch_ref.std().clamp_min(1e-30)
+    cb = coarse_box or max(16, n // 4)
+    cb = min(cb + (cb % 2), n)
+    mb = medium_box or min(n, 32)
+    mb = min(mb + (mb % 2), n)
+    hands = [False, True] if try_mirror else [False]
+
+    rots = super_fibonacci_rotations(n_rotations)
+    if seed_rotations is not None:
+        rots = torch.cat([torch.as_tensor(np.asarray(seed_rotations), dtype=torch.float64).reshape(-1, 3, 3), rots])
+    coarse = _Scorer(torch_mov, torch_ref, cb, refine_shift=False)
+    medium = _Scorer(torch_mov, torch_ref, mb) if mb != cb else coarse
+    full = _Scorer(torch_mov, torch_ref, n) if n != mb else medium
+    spacing = math.degrees((8 * math.pi**2 / n_rotations) ** (1 / 3))  # typical neighbour distance
+
+    cands = []
+    top = []
+    for hand in hands:
+        sc, _ = coarse(rots, hand)
+        order = torch.argsort(sc, descending=True)
+        picked: list[int] = []
+        for i in order.tolist():  # non-maximum suppression: distinct candidates
+            if all(_angle(rots[i], rots[j]) > 2 * spacing for j in picked):
+                picked.append(i)
+            if len(picked) == top_k:
+                break
+        for i in picked:
+            top.append({"mirror": hand, "score": float(sc[i])})
+            R, s, _ = _local_search(medium, rots[i], hand, step_deg=spacing / 2, min_step_deg=0.5)
+            cands.append((s, hand, R))
+    cands.sort(key=lambda c: -c[0])
+    s_med, hand, R = cands[0]
+    other = max((c[0] for c in cands if c[1] != hand), default=float("nan"))
+    R, s, t = _local_search(full, R, hand, step_deg=0.5, min_step_deg=0.02, diagonals=False)
+    return AlignResult(rotation=R.numpy(), shift_px=t.numpy(), mirror=bool(hand), score=float(s),
+                       score_other_hand=float(other), coarse_top=top)
+
+
+def _angle(R1: Tensor, R2: Tensor) -> float:
+    tr = float((R1.T @ R2).diagonal().sum())
+    return math.degrees(math.acos(max(-1.0, min(1.0, (tr - 1) / 2))))
