@@ -89,7 +89,7 @@ def compare_poses(est_path: str, true_path: str) -> dict:
 def main(args) -> int:
     import torch
 
-    from cryospin_relion.evaluate.align import align_maps, transform_volume
+    from cryospin_relion.evaluate.align import MIRROR, align_maps, transform_volume
     from cryospin_relion.evaluate.pose_error import angle_of
     from cryospin_relion.geometry.fsc import fsc, resolution_at, shell_resolution
     from cryospin_relion.geometry.rotations import so3_log
@@ -139,6 +139,13 @@ def main(args) -> int:
         "convention": "aligned(r) = m(R^T (r - t)) about voxel N//2; m = z-flipped map if mirror",
     }
     if pose_result is not None:
+        # consistency of the two alignments: the map rotation R equals the pose-set rotation H
+        # (A_est ~ A_true H) for the same hand, and M H M for the mirrored one (docs in pose_error.py)
+        H = np.asarray(pose_result["global_rotation"])
+        if pose_result["mirror"]:
+            H = MIRROR @ H @ MIRROR
+        pose_result["map_vs_pose_rotation_deg"] = round(angle_of(H.T @ res.rotation), 3)
+        pose_result["same_hand_as_map"] = bool(pose_result["mirror"] == res.mirror)
         out["poses"] = pose_result
     if args.o_aligned:
         from cryospin_relion.io.mrc import write_mrc
