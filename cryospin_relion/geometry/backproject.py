@@ -6,18 +6,37 @@ centred grid, D = pad * n, as numerator sum CTF * X and weight sum CTF^2. The
 missing half space follows from Friedel symmetry. The volume is
 IFFT(num / (weight + tau)), cropped to n and divided by the sinc^2 response of
 trilinear splatting (gridding correction).
+
+Speed (``insert_images``): the in-circle pixel set of the padded half plane and
+its CTF helper terms are computed once per (D, device); per-image arithmetic
+(phase ramp, CTF, trilinear weights) runs in float32 on those P points only;
+the 8 trilinear corners go to the grid in one ``scatter_add_`` per component.
+For batches that touch more points than the grid holds, each worker scatters
+into float32 staging grids that are then added to the float64 sums (so long
+runs still accumulate in float64); on CPU the batch is split over
+``threads`` Python threads, each with its own staging grids (torch releases the
+GIL inside its kernels). Results agree with a float64 evaluation to ~1e-6.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from cryospin_relion.geometry.ctf import ctf_from_freqs
+from cryospin_relion.geometry.ctf import electron_wavelength
 from cryospin_relion.geometry.fourier import ifft3_centered
 from cryospin_relion.geometry.slicing import sinc2_window_3d
+
+# points (x 8 trilinear corners) handled per step; bounds the temporaries to ~100 MB
+_POINTS_PER_STEP = 1 << 22
+# points per trilinear-splat group on CPU: keeps its ~10 float32 temporaries within L2
+_SPLAT_POINTS = 1 << 15
 
 
 @dataclass
@@ -44,6 +63,53 @@ class Accumulator:
         return self
 
 
+@dataclass(frozen=True)
+class _Plane:
+    """The P points of the padded half plane (kx >= 0) inside the Nyquist circle |k| <= D/2.
+
+    Ordered core first: the first ``core`` points have |k| <= D/2 - 3, so at any
+    rotation they and their trilinear corners stay 2 voxels inside the grid; the
+    rest (the rim) need bounds checks.
+
+    sel: (P,) int64 flat index into the *unshifted* rfft2 output (D, D//2+1).
+    k: (2, P) float32 (kx, ky) in padded-grid units.
+    r2: (P,) float32 kx^2 + ky^2.
+    cos2t, sin2t: (P,) float32 cos / sin of twice the polar angle (for astigmatism).
+    half: (P,) float32 0.5 on the kx = 0 and kx = D/2 columns (they hold k and -k), else 1.
+    core: number of core points.
+    """
+
+    sel: Tensor
+    k: Tensor
+    r2: Tensor
+    cos2t: Tensor
+    sin2t: Tensor
+    half: Tensor
+    core: int
+
+
+@functools.lru_cache(maxsize=16)
+def _plane(D: int, device: torch.device) -> _Plane:
+    ky = torch.arange(D, dtype=torch.float64) - D // 2
+    kx = torch.arange(D // 2 + 1, dtype=torch.float64)
+    KY, KX = torch.meshgrid(ky, kx, indexing="ij")
+    r2 = KX**2 + KY**2
+    keep = r2 <= (D // 2) ** 2
+    kxk, kyk, r2k = KX[keep], KY[keep], r2[keep]
+    inner = r2k <= max(D // 2 - 3, 0) ** 2
+    order = torch.cat([torch.nonzero(inner)[:, 0], torch.nonzero(~inner)[:, 0]])
+    kxk, kyk, r2k = kxk[order], kyk[order], r2k[order]
+    rows = torch.remainder(kyk.long(), D)  # unshifted row of ky
+    sel = rows * (D // 2 + 1) + kxk.long()
+    safe = torch.where(r2k > 0, r2k, torch.ones_like(r2k))
+    cos2t = torch.where(r2k > 0, (kxk**2 - kyk**2) / safe, torch.ones_like(r2k))  # atan2(0, 0) = 0
+    sin2t = torch.where(r2k > 0, 2 * kxk * kyk / safe, torch.zeros_like(r2k))
+    half = torch.where((kxk == 0) | (kxk == D // 2), 0.5, 1.0)
+    f32 = dict(device=device, dtype=torch.float32)
+    return _Plane(sel.to(device), torch.stack([kxk, kyk]).to(**f32), r2k.to(**f32), cos2t.to(**f32),
+                  sin2t.to(**f32), half.to(**f32), int(inner.sum()))
+
+
 def _rfft_padded(images: Tensor, D: int) -> Tensor:
     """(B, n, n) real -> (B, D, D//2+1) rfft2 of the centred zero-padded image, rows centred (ky)."""
     B, n = images.shape[0], images.shape[-1]
@@ -54,6 +120,231 @@ def _rfft_padded(images: Tensor, D: int) -> Tensor:
     return torch.fft.fftshift(ft, dim=-2)
 
 
+def _rfft_padded_unshifted(images: Tensor, D: int) -> Tensor:
+    """(B, n, n) real -> (B, D, D//2+1) rfft2 of the zero-padded image with its centre
+    (pixel n // 2) at the origin; rows in FFT order (ky = row for row < D/2, else row - D)."""
+    B, n = images.shape[0], images.shape[-1]
+    c = n // 2
+    pad = images.new_zeros(B, D, D)
+    # pixel y goes to row (y - c) mod D: the ifftshift of the centred padding, without the copy
+    pad[:, : n - c, : n - c] = images[:, c:, c:]
+    pad[:, : n - c, D - c :] = images[:, c:, :c]
+    pad[:, D - c :, : n - c] = images[:, :c, c:]
+    pad[:, D - c :, D - c :] = images[:, :c, :c]
+    return torch.fft.rfft2(pad)
+
+
+def _ctf_points(plane: _Plane, apix: Tensor, D: int, params: dict[str, Tensor]) -> Tensor:
+    """RELION's CTF (``ctf.ctf_from_freqs``) at the plane's P points, (B, P) float32.
+
+    Frequencies are k / (apix * D) in 1/A; the astigmatism term uses
+    cos(2 (theta - angle)) = cos 2theta cos 2angle + sin 2theta sin 2angle (no atan2).
+    """
+    f = {k: (None if v is None else v.to(device=plane.k.device, dtype=torch.float64)) for k, v in params.items()}
+    p = lambda t: t[:, None].to(torch.float32)  # noqa: E731  (B,) -> (B, 1)
+    inv2 = 1.0 / (apix.to(torch.float64) * D) ** 2
+    s2 = plane.r2[None] * p(inv2)  # (B, P) 1/A^2
+    u, v = f["defocus_u"], f["defocus_v"]
+    ang = 2.0 * torch.deg2rad(f["defocus_angle"])
+    hd = (u - v) / 2.0
+    df = -(p((u + v) / 2.0) + p(hd * torch.cos(ang)) * plane.cos2t + p(hd * torch.sin(ang)) * plane.sin2t)
+    lam = electron_wavelength(f["voltage"])
+    k1 = math.pi * lam
+    k2 = math.pi / 2.0 * (f["cs"] * 1e7) * lam**3
+    q = f["amp_contrast"]
+    k3 = torch.atan(q / torch.sqrt(1.0 - q**2))
+    if f.get("phase_shift") is not None:
+        k3 = k3 + torch.deg2rad(f["phase_shift"])
+    chi = s2 * (p(k1) * df + p(k2) * s2) - p(k3)
+    out = -torch.sin(chi)
+    if f.get("bfactor") is not None:
+        out = out * torch.exp(-p(f["bfactor"] / 4.0) * s2)
+    if f.get("scale") is not None:
+        out = out * p(f["scale"])
+    return out
+
+
+def _corners(pos: Tensor, D: int) -> tuple[Tensor, Tensor]:
+    """Flat grid indices and trilinear weights of the 8 corners of each point.
+
+    Args:
+        pos: (B, 3, P) float32 (x, y, z) grid coordinates.
+    Returns:
+        idx: (8, B, P) int64 into the flattened (z, y, x) grid, clamped in range;
+        w: (8, B, P) float32 weights, 0 for corners outside the grid.
+    """
+    lo_i, hi_i, lo_w, hi_w = [], [], [], []
+    for axis, stride in ((2, D * D), (1, D), (0, 1)):  # z, y, x
+        p = pos[:, axis]
+        fl = torch.floor(p)
+        f = p - fl
+        i = fl.long()
+        lo_w.append((1.0 - f) * ((i >= 0) & (i < D)))
+        hi_w.append(f * ((i >= -1) & (i < D - 1)))
+        lo_i.append(i.clamp(0, D - 1) * stride)
+        hi_i.append((i + 1).clamp(0, D - 1) * stride)
+    iz = torch.stack([lo_i[0], hi_i[0]])[:, None, None]
+    iy = torch.stack([lo_i[1], hi_i[1]])[None, :, None]
+    ix = torch.stack([lo_i[2], hi_i[2]])[None, None, :]
+    wz = torch.stack([lo_w[0], hi_w[0]])[:, None, None]
+    wy = torch.stack([lo_w[1], hi_w[1]])[None, :, None]
+    wx = torch.stack([lo_w[2], hi_w[2]])[None, None, :]
+    B, P = pos.shape[0], pos.shape[2]
+    idx = ((iz + iy) + ix).reshape(8, B, P)
+    w = ((wz * wy) * wx).reshape(8, B, P)
+    return idx, w
+
+
+def _insert_chunk(
+    D: int,
+    plane: _Plane,
+    images: Tensor,
+    rotations: Tensor,
+    translations_px: Tensor | None,
+    apix: Tensor,
+    ctf_params: dict[str, Tensor] | None,
+    targets: tuple,
+    staged: bool,
+) -> None:
+    """Insert one chunk of images into ``targets``.
+
+    ``staged``: targets = (real, imag, weight) flat float32 staging grids
+    (``_staging_shape``); else targets = (acc.num viewed flat, interleaved re/im;
+    acc.weight), scattered with bounds checks.
+    """
+    ft = _rfft_padded_unshifted(images.to(torch.float32), D).flatten(1)[:, plane.sel]  # (B, P) complex64
+    if translations_px is not None:
+        # undo the translation t: multiply by exp(+2 pi i k.t / D)
+        t = translations_px.to(torch.float64) * (2.0 * math.pi / D)
+        ph = torch.addmm(t[:, 1:2].float() * plane.k[1][None], t[:, 0:1].float(), plane.k[0][None])
+        ft = ft * torch.polar(torch.ones_like(ph), ph)
+    if ctf_params is not None:
+        c = _ctf_points(plane, apix, D, ctf_params)
+        cw = c * plane.half
+        re, im, wt = ft.real * cw, ft.imag * cw, c * cw
+    else:
+        re, im = ft.real * plane.half, ft.imag * plane.half
+        wt = plane.half.expand_as(re)
+    A2t = rotations[:, :2, :].transpose(1, 2).to(torch.float32)  # (B, 3, 2)
+    pos = torch.matmul(A2t, plane.k) + float(D // 2)  # (B, 3, P) grid coordinates (x, y, z)
+    if staged:
+        pc = plane.core
+        _splat_staged(D, pos[..., :pc], re[:, :pc], im[:, :pc], wt[:, :pc], targets, checked=False)
+        _splat_staged(D, pos[..., pc:], re[:, pc:], im[:, pc:], wt[:, pc:], targets, checked=True)
+        return
+    _splat_checked(D, pos, re, im, wt, targets)
+
+
+def _splat_checked(D: int, pos: Tensor, re: Tensor, im: Tensor, wt: Tensor, targets: tuple[Tensor, Tensor]) -> None:
+    """Trilinear scatter of (B, P) values at (B, 3, P) positions straight into the
+    accumulator (``targets`` = acc.num viewed flat, acc.weight), dropping corners outside the grid."""
+    idx, w = _corners(pos, D)
+    idx = idx.reshape(-1)
+    vr, vi, vw = (re[None] * w).reshape(-1), (im[None] * w).reshape(-1), (wt[None] * w).reshape(-1)
+    num_flat, weight = targets
+    dt = num_flat.dtype
+    i2 = idx * 2
+    num_flat.scatter_add_(0, i2, vr.to(dt))
+    num_flat.scatter_add_(0, i2 + 1, vi.to(dt))
+    weight.scatter_add_(0, idx, vw.to(dt))
+
+
+def _staging_shape(D: int) -> tuple[int, int, int]:
+    """(z, y, x) shape of a staging grid: the half space z in [D/2, D + 1] (kz >= 0) by
+    [-1, D + 1]^2; index = (z - D/2, y + 1, x + 1). See ``_fold_staging``."""
+    return D // 2 + 2, D + 3, D + 3
+
+
+def _splat_staged(D: int, pos: Tensor, re: Tensor, im: Tensor, wt: Tensor, grids: tuple[Tensor, Tensor, Tensor],
+                  checked: bool) -> None:
+    """Trilinear scatter of (B, P) values at (B, 3, P) positions into three flat float32
+    staging grids of shape ``_staging_shape(D)`` (real, imag, weight).
+
+    Points with kz < 0 are stored as their Friedel mates (corner c -> D - c, conjugate
+    value), which ``accumulator_spectra`` completes exactly as the original point, so
+    the staging grids (and the cache traffic) cover half the space.
+
+    checked=False: every point must lie in [2, D - 2]^3 (the plane's core points).
+    checked=True: corners outside [0, D - 1] in the point's own frame get weight 0,
+    as in ``_splat_checked``; mirrored corners at D are folded onto 0 later.
+    The batch is worked through in groups of ~``_SPLAT_POINTS`` points so that the
+    temporaries stay in the CPU's L2 cache.
+    """
+    h = D // 2
+    _, E, _ = _staging_shape(D)
+    B, P = re.shape
+    if P == 0 or B == 0:
+        return
+    step = max(1, _SPLAT_POINTS // P) if pos.device.type == "cpu" else B
+    gr, gi, gw = grids
+    offsets = [dz * E * E + dy * E + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
+    origin = -h * E * E + E + 1  # index of grid point (0, 0, 0) in (z, y, x) = (h, -1, -1) units
+    for a in range(0, B, step):
+        p = pos[a : a + step]
+        neg = p[:, 2] < h  # (b, P): kz < 0 -> Friedel mate
+        r, t = re[a : a + step], wt[a : a + step]
+        m = torch.where(neg, -im[a : a + step], im[a : a + step])
+        if not checked:
+            p = torch.where(neg[:, None], float(D) - p, p)
+            fl = torch.floor(p)
+            f = p - fl
+            i = fl.long()
+            base = (i[:, 2] * E + i[:, 1]) * E + i[:, 0] + origin  # (b, P)
+            sgn = None
+            lo = [1.0 - f[:, ax] for ax in range(3)]
+            hi = [f[:, ax] for ax in range(3)]
+        else:
+            fl = torch.floor(p)
+            f = p - fl
+            i = fl.long()
+            lo = [(1.0 - f[:, ax]) * ((i[:, ax] >= 0) & (i[:, ax] < D)) for ax in range(3)]
+            hi = [f[:, ax] * ((i[:, ax] >= -1) & (i[:, ax] < D - 1)) for ax in range(3)]
+            # corner c -> D - c for mates: index = base + sgn * offset
+            j = torch.where(neg[:, None], D - i, i)
+            base = (j[:, 2] * E + j[:, 1]) * E + j[:, 0] + origin
+            sgn = torch.where(neg, -1, 1)
+        c = 0
+        for wz in (lo[2], hi[2]):
+            for wy in (lo[1], hi[1]):
+                wzy = wz * wy
+                for wx in (lo[0], hi[0]):
+                    w = wzy * wx
+                    idx = (base + offsets[c] if sgn is None else torch.add(base, sgn, alpha=offsets[c])).reshape(-1)
+                    c += 1
+                    gr.scatter_add_(0, idx, (r * w).reshape(-1))
+                    gi.scatter_add_(0, idx, (m * w).reshape(-1))
+                    gw.scatter_add_(0, idx, (t * w).reshape(-1))
+
+
+def _fold_staging(acc: Accumulator, grids: Tensor) -> None:
+    """Add (3, *_staging_shape(D)) staging grids to ``acc``: index D folds onto 0 on each
+    axis (the Friedel partner of index 0 is 0 on the even grid), margins hold zeros."""
+    D = acc.size
+    h = D // 2
+    g = grids.view(3, *_staging_shape(D))
+    g[..., 1] += g[..., D + 1]  # x = D -> 0
+    g[..., 1, :] += g[..., D + 1, :]  # y = D -> 0
+    num = acc.num.view(D, D, D, 2)
+    weight = acc.weight.view(D, D, D)
+    for dst, src in ((slice(h, D), slice(0, h)), (slice(0, 1), slice(h, h + 1))):  # z = D -> 0
+        part = g[:, src, 1 : D + 1, 1 : D + 1]
+        num[dst, ..., 0].add_(part[0])
+        num[dst, ..., 1].add_(part[1])
+        weight[dst].add_(part[2])
+
+
+_EXECUTOR: ThreadPoolExecutor | None = None
+_EXECUTOR_LOCK = threading.Lock()
+
+
+def _executor(threads: int) -> ThreadPoolExecutor:
+    global _EXECUTOR
+    with _EXECUTOR_LOCK:
+        if _EXECUTOR is None or _EXECUTOR._max_workers < threads:
+            _EXECUTOR = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="backproject")
+        return _EXECUTOR
+
+
 def insert_images(
     acc: Accumulator,
     images: Tensor,
@@ -61,6 +352,7 @@ def insert_images(
     translations_px: Tensor | None,
     apix: Tensor,
     ctf_params: dict[str, Tensor] | None,
+    threads: int | None = None,
 ) -> None:
     """Backproject real images into ``acc`` (in place).
 
@@ -72,59 +364,60 @@ def insert_images(
             centred projection (= -origin / apix); it is undone here. None = 0.
         apix: (B,) pixel size in A (for the CTF).
         ctf_params: dict of (B,) tensors for ``ctf.ctf_from_freqs``, or None (no CTF).
+        threads: CPU worker threads the batch is split over (default
+            torch.get_num_threads()); the sums do not depend on it beyond float rounding.
     """
-    D, n = acc.size, acc.box
-    dtype = acc.num.dtype
-    ft = _rfft_padded(images.to(dtype), D)  # (B, D, D//2+1)
-    ky = (torch.arange(D, device=ft.device, dtype=dtype) - D // 2)
-    kx = torch.arange(D // 2 + 1, device=ft.device, dtype=dtype)
-    KY, KX = torch.meshgrid(ky, kx, indexing="ij")  # padded-grid units; image freq = K / D cycles/px
-    if translations_px is not None:
-        # undo the translation t: multiply by exp(+2 pi i k.t)
-        t = translations_px.to(dtype)
-        ph = 2 * torch.pi * (KX[None] * t[:, 0, None, None] + KY[None] * t[:, 1, None, None]) / D
-        ft = ft * torch.polar(torch.ones_like(ph), ph)
-    if ctf_params is not None:
-        inv = (1.0 / (apix.to(dtype) * D))[:, None, None]
-        c = ctf_from_freqs(KX[None] * inv, KY[None] * inv, **{k: v.to(dtype) for k, v in ctf_params.items()})
-    else:
-        c = torch.ones_like(ft.real)
-    # keep the inside of the Nyquist sphere; kx = 0 and kx = D/2 columns carry both k and -k: half weight
-    r2 = KX**2 + KY**2
-    keep = r2 <= (D // 2) ** 2
-    half = torch.ones_like(KX)
-    half[:, 0] = 0.5
-    half[:, -1] = 0.5
-    kx_k, ky_k, half_k = KX[keep], KY[keep], half[keep]
-    vals = ft[:, keep] * c[:, keep]  # (B, P)
-    wts = c[:, keep] ** 2 * half_k
-    vals = vals * half_k
-    k2 = torch.stack([kx_k, ky_k], -1)  # (P, 2)
-    K3 = torch.einsum("pi,bij->bpj", k2, rotations[:, :2, :].to(dtype)) + D // 2  # (B, P, 3) x,y,z index
-    _splat(acc, K3.reshape(-1, 3), torch.view_as_real(vals).reshape(-1, 2), wts.reshape(-1))
-
-
-def _splat(acc: Accumulator, pos: Tensor, vals: Tensor, wts: Tensor) -> None:
-    """Trilinear scatter-add of values (M, 2) and weights (M,) at grid positions (M, 3) (x, y, z)."""
     D = acc.size
-    p0 = torch.floor(pos)
-    f = pos - p0
-    i0 = p0.long()
-    for dz in (0, 1):
-        wz = f[:, 2] if dz else 1 - f[:, 2]
-        z = i0[:, 2] + dz
-        for dy in (0, 1):
-            wy = f[:, 1] if dy else 1 - f[:, 1]
-            y = i0[:, 1] + dy
-            for dx in (0, 1):
-                wx = f[:, 0] if dx else 1 - f[:, 0]
-                x = i0[:, 0] + dx
-                w = wx * wy * wz
-                ok = (x >= 0) & (x < D) & (y >= 0) & (y < D) & (z >= 0) & (z < D)
-                idx = ((z * D + y) * D + x)[ok]
-                w = w[ok]
-                acc.num.index_add_(0, idx, vals[ok] * w[:, None])
-                acc.weight.index_add_(0, idx, wts[ok] * w)
+    B = images.shape[0]
+    if B == 0:
+        return
+    device = acc.num.device
+    plane = _plane(D, device)
+    P = plane.sel.numel()
+    images = images.to(device)
+    rotations = rotations.to(device)
+    apix = torch.as_tensor(apix, device=device).reshape(-1).expand(B)
+    if translations_px is not None:
+        translations_px = translations_px.to(device)
+    if ctf_params is not None:
+        ctf_params = {k: (None if v is None else torch.as_tensor(v, device=device).reshape(-1).expand(B))
+                      for k, v in ctf_params.items()}
+    step = max(1, _POINTS_PER_STEP // (8 * P))
+    chunks = [slice(a, min(a + step, B)) for a in range(0, B, step)]
+
+    def run(sl: slice, targets, staged: bool) -> None:
+        _insert_chunk(
+            D, plane, images[sl], rotations[sl], None if translations_px is None else translations_px[sl],
+            apix[sl], None if ctf_params is None else {k: (None if v is None else v[sl]) for k, v in ctf_params.items()},
+            targets, staged,
+        )
+
+    # float32 staging pays off once the batch scatters more points than the grid holds
+    staged = 8 * P * B >= D**3
+    if not staged:
+        for sl in chunks:
+            run(sl, (acc.num.view(-1), acc.weight), False)
+        return
+    if threads is None:
+        threads = torch.get_num_threads() if device.type == "cpu" else 1
+    workers = max(1, min(int(threads), len(chunks), -(-8 * P * B // D**3)))
+
+    size = math.prod(_staging_shape(D))
+
+    def work(my_chunks: list[slice]) -> Tensor:
+        grids = torch.zeros(3, size, device=device, dtype=torch.float32)
+        for sl in my_chunks:
+            run(sl, (grids[0], grids[1], grids[2]), True)
+        return grids
+
+    if workers == 1:
+        parts = [work(chunks)]
+    else:
+        ex = _executor(workers)
+        futures = [ex.submit(work, chunks[w::workers]) for w in range(workers)]
+        parts = [f.result() for f in futures]
+    for g in parts:
+        _fold_staging(acc, g)
 
 
 def _flip3(x: Tensor) -> Tensor:

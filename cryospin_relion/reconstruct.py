@@ -1,0 +1,190 @@
+"""Reconstruction from known poses: two half maps, the full map and their FSC.
+
+No file I/O here: the caller hands in the particle table, something that reads
+images, and (optionally) poses that replace the table's. Used by ``cryospin
+reconstruct`` and, for its final maps, by the ab-initio engine.
+
+Conventions are RELION's (see ``io/particles.py``): rotations are RELION's A,
+shifts are origins in A (the image is the centred projection shifted by *minus*
+the origin), halves are rlnRandomSubset 1 / 2. Images come protein-positive
+(``data.stack.ImageSource`` multiplies by the table's sign); they are not
+normalised, as in relion_reconstruct.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Protocol, Union
+
+import numpy as np
+import torch
+
+from cryospin_relion.errors import InputError
+from cryospin_relion.geometry.backproject import Accumulator, insert_images, reconstruct
+from cryospin_relion.geometry.fourier import fourier_crop_2d
+from cryospin_relion.geometry.fsc import fsc, resolution_at
+from cryospin_relion.geometry.projection import ctf_params_to_tensors
+from cryospin_relion.geometry.shifts import origin_to_translation
+from cryospin_relion.io.particles import ParticleTable
+
+__all__ = ["HalfMaps", "reconstruct_halves", "output_apix", "resolve_device"]
+
+
+class _HasImages(Protocol):
+    def images(self, rows: np.ndarray) -> np.ndarray: ...
+
+
+ImageGetter = Union[_HasImages, Callable[[np.ndarray], np.ndarray]]
+
+
+class HalfMaps(NamedTuple):
+    """Result of ``reconstruct_halves``; maps are (n, n, n) float32 in MRC order (z, y, x).
+
+    map: from all particles; half1 / half2: from subsets 1 / 2;
+    fsc: (n // 2 + 1,) FSC between the half maps per Fourier shell (shell 0 = DC);
+    resolution: A where the FSC first drops below 0.143 (2 * apix if it never does).
+    """
+
+    map: np.ndarray
+    half1: np.ndarray
+    half2: np.ndarray
+    fsc: np.ndarray
+    resolution: float
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """torch.device from 'cpu' / 'cuda' / 'cuda:1' / None (cpu); InputError if CUDA is unavailable."""
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    return dev
+
+
+def output_apix(table: ParticleTable, box: int, image_box: int | None = None) -> float:
+    """Voxel size [A] of a reconstruction at ``box`` from the table's images.
+
+    Args:
+        table: particles; ``table.apix`` is the pixel size at ``table.box``.
+        box: output box.
+        image_box: box of the images, used only when ``table.box`` is unknown (0).
+    Raises:
+        InputError when the particles do not share one pixel size (0.1 % tolerance).
+    """
+    apix = np.asarray(table.apix, dtype=np.float64)
+    if len(apix) == 0:
+        raise InputError(f"{table.source_file}: no particles")
+    lo, hi = float(apix.min()), float(apix.max())
+    if hi > lo * 1.001:
+        raise InputError(f"{table.source_file}: rlnImagePixelSize: particles have different pixel sizes "
+                         f"({lo:g} to {hi:g} A); reconstruct them separately or rescale first")
+    ref = table.box or image_box
+    if not ref:
+        raise InputError(f"{table.source_file}: rlnImageSize: image size unknown")
+    return float(np.median(apix)) * ref / box
+
+
+def _getter(images: ImageGetter) -> Callable[[np.ndarray], np.ndarray]:
+    if hasattr(images, "images"):
+        return images.images  # data.stack.ImageSource
+    if hasattr(images, "__getitem__") and not callable(images):  # an array or memmap (N, n, n)
+        return lambda rows: np.asarray(images[rows], dtype=np.float32)
+    return images
+
+
+def reconstruct_halves(
+    images: ImageGetter,
+    table: ParticleTable,
+    box: int | None = None,
+    rotations: np.ndarray | None = None,
+    shifts_A: np.ndarray | None = None,
+    halves: np.ndarray | None = None,
+    use_ctf: bool = True,
+    tau: float = 1e-3,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    pad: int = 2,
+    seed: int = 0,
+    progress: bool = True,
+) -> HalfMaps:
+    """Direct Fourier reconstruction of the two half sets and of all particles.
+
+    Args:
+        images: ``ImageSource``-like object with ``.images(rows)``, a callable
+            ``rows (k,) -> (k, m, m) float32``, or an (N, m, m) array/memmap. The
+            image box m may differ from ``table.box`` (e.g. a cache at a working box):
+            the pixel size is taken as table.apix * table.box / m.
+        table: the particles (CTF, pixel size, default poses and halves).
+        box: output box n <= m; images are Fourier-cropped to it (pixel size
+            grows by m / n). Default m.
+        rotations: (N, 3, 3) RELION A; default table.rotations.
+        shifts_A: (N, 2) RELION origins in A; default table.shifts_A.
+        halves: (N,) 1 / 2; default ``table.halves(seed)`` (the table's
+            rlnRandomSubset, else a seeded balanced split).
+        use_ctf: correct for the table's CTF (ignored when table.ctf is None).
+        tau: Wiener constant relative to the mean weight (``backproject.reconstruct``).
+        batch_size: images read and inserted at a time.
+        device: 'cpu' or 'cuda'.
+        threads: CPU threads for the insertion (default torch.get_num_threads()).
+        pad: Fourier oversampling of the accumulators (2 as in RELION).
+        progress: show a tqdm progress bar.
+    Returns:
+        HalfMaps(map, half1, half2, fsc, resolution); voxel size = ``output_apix``.
+    """
+    n_part = len(table)
+    rot = table.rotations if rotations is None else rotations
+    sh = table.shifts_A if shifts_A is None else shifts_A
+    if rot is None:
+        raise InputError(f"{table.source_file}: rlnAngleRot: no poses (angles) to reconstruct with")
+    rot = np.asarray(rot, dtype=np.float64).reshape(n_part, 3, 3)
+    sh = np.zeros((n_part, 2)) if sh is None else np.asarray(sh, dtype=np.float64).reshape(n_part, 2)
+    if n_part == 0:
+        raise InputError(f"{table.source_file}: no particles")
+    sub = table.halves(seed) if halves is None else np.asarray(halves, dtype=np.int64).reshape(n_part)
+    if not np.isin(sub, (1, 2)).all():
+        raise InputError(f"{table.source_file}: rlnRandomSubset: halves must be 1 or 2")
+    get = _getter(images)
+    dev = resolve_device(device)
+
+    first = get(np.arange(1))
+    m = int(first.shape[-1])
+    n = int(box or m)
+    if n > m:
+        raise InputError(f"{table.source_file}: --box {n} is larger than the images ({m} px)")
+    apix_out = output_apix(table, n, m)
+    scale = m / n  # pixel size growth from Fourier cropping
+    apix_all = np.asarray(table.apix, dtype=np.float64) * (table.box or m) / m * scale  # (N,) at box n
+    ctf = table.ctf if (use_ctf and table.ctf is not None) else None
+
+    accs = {1: Accumulator.zeros(n, pad, device=dev), 2: Accumulator.zeros(n, pad, device=dev)}
+    from tqdm import tqdm
+
+    with tqdm(total=n_part, unit="img", desc=f"backprojecting at {n} px", disable=not progress) as bar:
+        for a in range(0, n_part, batch_size):
+            rows = np.arange(a, min(a + batch_size, n_part))
+            imgs = torch.from_numpy(np.ascontiguousarray(get(rows), dtype=np.float32))
+            if imgs.shape[-1] != m or imgs.shape[-2] != m:
+                raise InputError(f"{table.source_file}: image size {tuple(imgs.shape[-2:])} differs from the "
+                                 f"first image ({m} px)")
+            if n != m:
+                imgs = fourier_crop_2d(imgs, n)
+            imgs = imgs.to(dev)
+            for h in (1, 2):
+                sel = np.flatnonzero(sub[rows] == h)
+                if len(sel) == 0:
+                    continue
+                r = rows[sel]
+                ap = torch.as_tensor(apix_all[r], dtype=torch.float64)
+                t = origin_to_translation(torch.as_tensor(sh[r], dtype=torch.float64), ap)
+                params = None if ctf is None else ctf_params_to_tensors(ctf, r, dtype=torch.float64)
+                insert_images(accs[h], imgs[torch.as_tensor(sel, device=dev)],
+                              torch.as_tensor(rot[r], dtype=torch.float64), t, ap, params, threads=threads)
+            bar.update(len(rows))
+
+    half1 = reconstruct(accs[1], tau)
+    half2 = reconstruct(accs[2], tau)
+    accs[1] += accs[2]
+    del accs[2]
+    full = reconstruct(accs[1], tau)
+    curve = fsc(half1, half2).numpy()
+    res = resolution_at(curve, n, apix_out, 0.143)
+    return HalfMaps(full.cpu().numpy(), half1.cpu().numpy(), half2.cpu().numpy(), curve, float(res))
