@@ -162,70 +162,112 @@ def transform_volume(vol, rotation=None, shift=None, mirror: bool = False) -> np
 # -- scoring ------------------------------------------------------------------------------------
 
 
-class _Scorer:
-    """Normalised cross-correlation of rotated ``mov`` with ``ref`` at one box, maximised over translations."""
+def _sample_points(spec: Tensor, q: Tensor, threads: int) -> Tensor:
+    """Trilinear samples of a centred (D, D, D) complex spectrum at points q (..., 3) (x, y, z),
+    in padded-voxel units relative to the centre D // 2. Returns (...) complex."""
+    D = spec.shape[-1]
+    shape = q.shape[:-1]
+    g = ((q.reshape(-1, 3) + D // 2) * (2.0 / (D - 1)) - 1.0).to(spec.real.dtype)
+    P = g.shape[0]
+    chunks = max(1, min(threads, P // 4096 or 1))
+    per = -(-P // chunks)
+    if per * chunks != P:
+        g = torch.cat([g, g.new_zeros(per * chunks - P, 3)])
+    vol = torch.view_as_real(spec).permute(3, 0, 1, 2)  # (2, D, D, D)
+    out = F.grid_sample(vol.unsqueeze(0).expand(chunks, *vol.shape), g.reshape(chunks, 1, 1, per, 3),
+                        mode="bilinear", padding_mode="zeros", align_corners=True)  # (chunks, 2, 1, 1, per)
+    out = out.reshape(chunks, 2, per).permute(0, 2, 1).reshape(chunks * per, 2)[:P]
+    return torch.complex(out[:, 0], out[:, 1]).reshape(shape)
 
-    def __init__(self, mov: Tensor, ref: Tensor, box: int, rmax: float | None = None, refine_shift: bool = True):
+
+class _Scorer:
+    """Normalised correlation of rotated (and shifted) ``mov`` with ``ref`` at one box.
+
+    Works on the frequencies 0.5 < |k| <= rmax only (DC excluded), in FFT order so
+    that a full-grid scatter goes straight into ifftn for all translations at once.
+    Translations are given and returned in voxels of the FULL box (x, y, z).
+    """
+
+    def __init__(self, mov: Tensor, ref: Tensor, box: int, rmax: float | None = None):
         n = mov.shape[-1]
-        self.refine_shift = refine_shift
         self.n, self.box = n, box
         m = fourier_crop_3d(mov, box) if box != n else mov
         r = fourier_crop_3d(ref, box) if box != n else ref
         self.scale = n / box  # full-box voxels per working voxel
         self.spec = {False: volume_to_projector(m, 2), True: volume_to_projector(flip_volume_hand(m), 2)}
-        rad = _freq_coords(box).norm(dim=-1)
+        D = self.spec[False].shape[-1]
+        dims = (0, 1, 2)
+        kf = torch.fft.ifftshift(_freq_coords(box, torch.float32), dim=dims).reshape(-1, 3)  # FFT order
+        rad = kf.norm(dim=-1)
         rmax = box / 2 - 0.5 if rmax is None else rmax
-        self.mask = (rad <= rmax) & (rad > 0.5)
-        self.kvec = _freq_coords(box, torch.float32) / box  # cycles per voxel, (b, b, b, 3)
-        fr = fft3_centered(r) * self.mask
+        self.idx = torch.nonzero((rad <= rmax) & (rad > 0.5))[:, 0]
+        self.k = kf[self.idx]  # (M, 3) integer frequencies
+        self.kq = self.k * (D / box)  # in padded-voxel units
+        fr = torch.fft.ifftshift(fft3_centered(r), dim=dims).reshape(-1)[self.idx]
         self.fref = fr.to(torch.complex64)
         self.ref_norm = float(fr.abs().pow(2).sum().sqrt())
+        self.threads = max(1, torch.get_num_threads())
 
-    def __call__(self, rotations: Tensor, mirror: bool, chunk: int = 256) -> tuple[Tensor, Tensor]:
-        """(B,) scores and (B, 3) best translations in FULL-box voxels (x, y, z)."""
+    def spectra(self, rotations: Tensor, mirror: bool) -> Tensor:
+        """(B, M) F_m(R^T k) at the scored frequencies."""
+        q = self.kq[None] @ rotations.to(torch.float32)  # (R^T k)_j = sum_i k_i R_ij
+        return _sample_points(self.spec[mirror], q, self.threads)
+
+    def _norm(self, fm: Tensor) -> Tensor:
+        return torch.view_as_real(fm).pow(2).sum((-1, -2)).double().sqrt().clamp_min(1e-30) * self.ref_norm
+
+    def all_shifts(self, rotations: Tensor, mirror: bool, chunk: int = 256) -> tuple[Tensor, Tensor]:
+        """(B,) scores maximised over translations (FFT, sub-voxel parabolic peak) and (B, 3) translations."""
         b = self.box
         scores, shifts = [], []
-        threads = max(1, torch.get_num_threads())
         for a in range(0, rotations.shape[0], chunk):
-            R = rotations[a:a + chunk]
-            fm = _sample_rotated(self.spec[mirror], R, b, b, chunks=threads) * self.mask
-            norm = fm.abs().pow(2).sum((-3, -2, -1)).sqrt().clamp_min(1e-30)
+            fm = self.spectra(rotations[a:a + chunk], mirror)
             x = fm.conj() * self.fref  # sum_k conj(Fm) Fref e^{2 pi i k t} = <shift_t(m), ref>
-            cc = torch.fft.ifftn(torch.fft.ifftshift(x, dim=(-3, -2, -1)), dim=(-3, -2, -1)).real * b**3
-            flat = cc.reshape(cc.shape[0], -1)
-            best, idx = flat.max(-1)
+            full = torch.zeros(fm.shape[0], b**3, dtype=x.dtype)
+            full[:, self.idx] = x
+            cc = torch.fft.ifftn(full.reshape(-1, b, b, b), dim=(-3, -2, -1)).real * b**3
+            best, idx = cc.reshape(cc.shape[0], -1).max(-1)
             iz, iy, ix = idx // (b * b), (idx // b) % b, idx % b
-            sub = _subvoxel(cc, iz, iy, ix)
-            t = torch.stack([ix, iy, iz], -1).to(torch.float64) + sub
+            t = torch.stack([ix, iy, iz], -1).to(torch.float64) + _subvoxel(cc, iz, iy, ix)
             t = (t + b / 2) % b - b / 2  # wrap to [-b/2, b/2)
-            if self.refine_shift:
-                best, t = _newton_shift(x, t, self.kvec)
-            scores.append(best.double() / (norm.double() * self.ref_norm))
+            scores.append(best.double() / self._norm(fm))
             shifts.append(t * self.scale)
         return torch.cat(scores), torch.cat(shifts)
+
+    def at_shift(self, rotations: Tensor, mirror: bool, t: Tensor) -> Tensor:
+        """(B,) scores with the translation fixed at t (full-box voxels)."""
+        fm = self.spectra(rotations, mirror)
+        y = self.fref * torch.polar(torch.ones(1), 2 * math.pi * (self.k @ (t.float() / self.scale)) / self.box)
+        return (fm.conj() * y).real.sum(-1).double() / self._norm(fm)
+
+    def refine_shift(self, R: Tensor, mirror: bool, t: Tensor, iters: int = 3) -> tuple[float, Tensor]:
+        """Best continuous translation near t for one rotation: (score, t)."""
+        fm = self.spectra(R[None], mirror)
+        x = fm.conj() * self.fref
+        f, tb = _newton_shift(x, (t / self.scale)[None], self.k / self.box, iters)
+        return float(f[0] / self._norm(fm)[0]), tb[0] * self.scale
 
 
 def _newton_shift(x: Tensor, t: Tensor, kvec: Tensor, iters: int = 3) -> tuple[Tensor, Tensor]:
     """Maximise f(t) = Re sum_k x(k) exp(2 pi i k.t) near t by Newton steps (continuous translation).
 
     Args:
-        x: (B, b, b, b) complex products conj(F_mov) F_ref; t: (B, 3) start (x, y, z) voxels.
+        x: (B, M) complex products conj(F_mov) F_ref; t: (B, 3) start (x, y, z) voxels;
+        kvec: (M, 3) frequencies in cycles per voxel.
     Returns:
         ((B,) f at the optimum, (B, 3) t).
     """
     t = t.to(torch.float32).clone()
-    k = kvec.reshape(-1, 3)  # (M, 3)
-    xf = x.reshape(x.shape[0], -1)
     two_pi = 2 * math.pi
+    kk = (kvec[:, :, None] * kvec[:, None, :]).reshape(-1, 9)
     f = None
     for it in range(iters + 1):
-        ph = torch.polar(torch.ones(1), two_pi * (t @ k.T))  # (B, M)
-        y = xf * ph
+        y = x * torch.polar(torch.ones(1), two_pi * (t @ kvec.T))  # (B, M)
         f = y.real.sum(-1)
         if it == iters:
             break
-        g = -two_pi * (y.imag @ k)  # (B, 3)
-        H = -(two_pi**2) * torch.einsum("bm,mi,mj->bij", y.real, k, k)
+        g = -two_pi * (y.imag @ kvec)  # (B, 3)
+        H = -(two_pi**2) * (y.real @ kk).reshape(-1, 3, 3)
         ok = torch.linalg.eigvalsh(H).max(-1).values < 0
         step = -torch.linalg.solve(torch.where(ok[:, None, None], H, -torch.eye(3).expand_as(H)), g)
         step = torch.where(ok[:, None], step, torch.zeros_like(step)).clamp(-0.5, 0.5)
@@ -238,7 +280,7 @@ def _subvoxel(cc: Tensor, iz: Tensor, iy: Tensor, ix: Tensor) -> Tensor:
     b = cc.shape[-1]
     ar = torch.arange(cc.shape[0])
     out = []
-    for axis, (i0, dims) in enumerate(((ix, (0, 0, 1)), (iy, (0, 1, 0)), (iz, (1, 0, 0)))):
+    for dims in ((0, 0, 1), (0, 1, 0), (1, 0, 0)):
         def at(d):
             return cc[ar, (iz + d * dims[0]) % b, (iy + d * dims[1]) % b, (ix + d * dims[2]) % b]
         cm, c0, cp = at(-1), at(0), at(1)
@@ -249,27 +291,33 @@ def _subvoxel(cc: Tensor, iz: Tensor, iy: Tensor, ix: Tensor) -> Tensor:
 
 
 def _local_search(scorer: _Scorer, R0: Tensor, mirror: bool, step_deg: float, min_step_deg: float,
-                  max_iter: int = 200, diagonals: bool = True) -> tuple[Tensor, float, Tensor]:
-    """Pattern search R = exp(w) R0 over the 6 axis moves +-step (+8 diagonals); halve the step when stuck."""
+                  t0: Tensor | None = None, max_iter: int = 200,
+                  diagonals: bool = True) -> tuple[Tensor, float, Tensor]:
+    """Pattern search R = exp(w) R0 over the 6 axis moves +-step (+8 diagonals), halving the
+    step when stuck. Candidates are scored at the current translation; the translation is
+    re-optimised (Newton) for every accepted move. Returns (R, score, t)."""
     dirs = torch.cat([torch.eye(3), -torch.eye(3)]).double()
     if diagonals:
         diag = torch.tensor([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)], dtype=torch.float64)
         dirs = torch.cat([dirs, diag / math.sqrt(3)])
     R = R0.double()
-    s, t = scorer(R[None], mirror)
-    best, shift = float(s[0]), t[0]
+    if t0 is None:
+        _, ts = scorer.all_shifts(R[None], mirror)
+        t0 = ts[0]
+    best, t = scorer.refine_shift(R, mirror, t0.double())
     step = math.radians(step_deg)
     it = 0
     while step >= math.radians(min_step_deg) and it < max_iter:
         it += 1
         cand = so3_exp(dirs * step) @ R
-        sc, ts = scorer(cand, mirror)
+        sc = scorer.at_shift(cand, mirror, t)
         k = int(torch.argmax(sc))
         if float(sc[k]) > best + 1e-9:
-            best, R, shift = float(sc[k]), cand[k], ts[k]
+            s_new, t_new = scorer.refine_shift(cand[k], mirror, t)
+            R, best, t = cand[k], max(s_new, float(sc[k])), (t_new if s_new >= float(sc[k]) else t)
         else:
             step /= 2
-    return R, best, shift
+    return R, best, t
 
 
 # -- the alignment --------------------------------------------------------------------------------
@@ -327,7 +375,7 @@ def align_maps(
     rots = super_fibonacci_rotations(n_rotations)
     if seed_rotations is not None:
         rots = torch.cat([torch.as_tensor(np.asarray(seed_rotations), dtype=torch.float64).reshape(-1, 3, 3), rots])
-    coarse = _Scorer(torch_mov, torch_ref, cb, refine_shift=False)
+    coarse = _Scorer(torch_mov, torch_ref, cb)
     medium = _Scorer(torch_mov, torch_ref, mb) if mb != cb else coarse
     full = _Scorer(torch_mov, torch_ref, n) if n != mb else medium
     spacing = math.degrees((8 * math.pi**2 / n_rotations) ** (1 / 3))  # typical neighbour distance
@@ -335,7 +383,7 @@ def align_maps(
     cands = []
     top = []
     for hand in hands:
-        sc, _ = coarse(rots, hand)
+        sc, sh = coarse.all_shifts(rots, hand)
         order = torch.argsort(sc, descending=True)
         picked: list[int] = []
         for i in order.tolist():  # non-maximum suppression: distinct candidates
@@ -345,12 +393,12 @@ def align_maps(
                 break
         for i in picked:
             top.append({"mirror": hand, "score": float(sc[i])})
-            R, s, _ = _local_search(medium, rots[i], hand, step_deg=spacing / 2, min_step_deg=0.5)
-            cands.append((s, hand, R))
+            R, s, t = _local_search(medium, rots[i], hand, step_deg=spacing / 2, min_step_deg=0.5, t0=sh[i])
+            cands.append((s, hand, R, t))
     cands.sort(key=lambda c: -c[0])
-    s_med, hand, R = cands[0]
+    s_med, hand, R, t = cands[0]
     other = max((c[0] for c in cands if c[1] != hand), default=float("nan"))
-    R, s, t = _local_search(full, R, hand, step_deg=0.5, min_step_deg=0.02, diagonals=False)
+    R, s, t = _local_search(full, R, hand, step_deg=0.5, min_step_deg=0.02, t0=t, diagonals=False)
     return AlignResult(rotation=R.numpy(), shift_px=t.numpy(), mirror=bool(hand), score=float(s),
                        score_other_hand=float(other), coarse_top=top)
 
