@@ -1,0 +1,408 @@
+"""The RELION External-job wrapper (relion_wrappers): protocol units and real-RELION runs.
+
+Unit tests drive ``run_job`` with a tiny stand-in child (through its Python
+arguments, never an environment variable). The ``relion`` tests build a headless
+RELION project, import a particle STAR with relion_pipeliner and run the real
+``cryospin abinit`` through ``cryospin_relion_external`` as an External job;
+they skip when relion_pipeliner (or the abinit command) is absent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+
+from relion_wrappers import external_job as ej
+from relion_wrappers.nodes import NODE_TYPES, pipeline_version, read_output_nodes, write_output_nodes
+from relion_wrappers.protocol import (
+    ABORT_NOW, EXIT_ABORTED, EXIT_FAILURE, EXIT_SUCCESS, ProtocolError, clear_stale_exit_files,
+    parse_relion_args,
+)
+
+# ------------------------------------------------------------------ unit tests
+
+
+def test_parse_split_values_bare_flags_and_pipeline_control():
+    argv = ("--o External/job002 --in_parts Import/job001/parts.star --in_3dref ref.mrc "
+            "--heads 4 --config my cfg.yaml --empty --j 2 --pipeline_control External/job002/").split()
+    a = parse_relion_args(argv)
+    assert a.outdir == "External/job002/"
+    assert a.threads == 2
+    assert a.inputs == {"in_parts": "Import/job001/parts.star", "in_3dref": "ref.mrc"}
+    assert a.params == {"heads": "4", "config": "my cfg.yaml", "empty": ""}
+
+
+def test_parse_negative_numbers_are_values_and_errors():
+    assert parse_relion_args(["--o", "x/", "--shift", "-3"]).params == {"shift": "-3"}
+    for bad in (["stray", "--o", "x/"], ["--o", "x/", "--j", "two"], ["--o", "x/", "--a", "1", "--a", "2"],
+                ["--o"]):
+        with pytest.raises(ProtocolError):
+            parse_relion_args(bad)
+
+
+KNOWN = {"i": True, "o": True, "j": True, "heads": True, "epochs-amortized": True, "epochs-autodecode": True,
+         "box": True, "config": True, "seed": True, "quiet": False, "continue": False}
+
+
+def test_params_to_options_maps_names_and_flags():
+    out = ej.params_to_options({"heads": "4", "epochs_amortized": "1", "--box": "24", "quiet": "",
+                                "continue": "no"}, KNOWN)
+    assert out == ["--heads", "4", "--epochs-amortized", "1", "--box", "24", "--quiet"]
+
+
+def test_params_to_options_rejects_unknown_with_valid_names():
+    with pytest.raises(ej.JobFailed) as e:
+        ej.params_to_options({"hedas": "4", "o": "elsewhere"}, KNOWN)
+    msg = str(e.value)
+    assert "parameter(s): hedas, o;" in msg and "valid names:" in msg and "epochs_amortized" in msg
+    assert e.value.code == 2
+    with pytest.raises(ej.JobFailed, match="needs a value"):
+        ej.params_to_options({"heads": ""}, KNOWN)
+    with pytest.raises(ej.JobFailed, match="yes or no"):
+        ej.params_to_options({"quiet": "maybe"}, KNOWN)
+
+
+@pytest.mark.parametrize("text, version", [
+    ("# version 30001\n\ndata_pipeline_processes\nloop_\n_rlnPipeLineProcessType #3\n", "3.1"),
+    ("# version 30001\n\ndata_pipeline_processes\nloop_\n_rlnPipeLineProcessTypeLabel #3\n", "4.0"),
+    ("# version 50001\n\ndata_pipeline_general\n_rlnPipeLineJobCounter 1\n", "5.0"),
+    (None, "3.1"),
+])
+def test_pipeline_version(tmp_path, text, version):
+    if text is not None:
+        (tmp_path / "default_pipeline.star").write_text(text)
+    assert pipeline_version(tmp_path) == version
+
+
+def test_output_nodes_file_has_both_columns(tmp_path):
+    nodes = [("External/job002/particles.star", "particles"), ("External/job002/map.mrc", "map"),
+             ("External/job002/half1_map.mrc", "halfmap"), ("External/job002/logfile.pdf", "logfile")]
+    p = write_output_nodes(tmp_path, nodes, "3.1")
+    text = p.read_text()
+    assert "data_output_nodes" in text and "_rlnPipeLineNodeType #2" in text
+    assert read_output_nodes(p) == [
+        ("External/job002/particles.star", 3, "ParticlesData.star.relion"),
+        ("External/job002/map.mrc", 6, "DensityMap.mrc"),
+        ("External/job002/half1_map.mrc", 10, "DensityMap.mrc.halfmap"),
+        ("External/job002/logfile.pdf", 13, "LogFile.pdf")]
+    rows = read_output_nodes(write_output_nodes(tmp_path, nodes, "5.0"))
+    assert rows[0][2] == "ParticleGroupMetadata.star.relion" and rows[1][2] == "DensityMap.mrc"
+    assert [f.name for f in tmp_path.iterdir()] == ["RELION_OUTPUT_NODES.star"]  # no temporary left
+    assert set(NODE_TYPES) == {"particles", "map", "halfmap", "logfile"}
+
+
+def test_clear_stale_keeps_fresh_abort(tmp_path):
+    for n in (EXIT_SUCCESS, EXIT_FAILURE, ABORT_NOW):
+        (tmp_path / n).touch()
+    old = time.time() - 100
+    os.utime(tmp_path / ABORT_NOW, (old, old))
+    assert set(clear_stale_exit_files(tmp_path, started_after=time.time() - 10)) == {
+        EXIT_SUCCESS, EXIT_FAILURE, ABORT_NOW}
+    (tmp_path / ABORT_NOW).touch()
+    assert clear_stale_exit_files(tmp_path, started_after=time.time() - 10) == []
+    assert (tmp_path / ABORT_NOW).exists()
+
+
+# A stand-in for ``cryospin abinit`` (unit tests of the protocol only): writes the
+# outputs, fails with exit 2 when --heads is 0, sleeps until SIGTERM when --heads is 99.
+STAND_IN = textwrap.dedent("""
+    import signal, sys, time, pathlib
+    a = sys.argv[1:]
+    out = pathlib.Path(a[a.index("--o") + 1])
+    heads = a[a.index("--heads") + 1] if "--heads" in a else "1"
+    if heads == "0":
+        print("cryospin abinit: error: bad heads", file=sys.stderr); sys.exit(2)
+    if heads == "99":
+        def term(*_):
+            (out / "checkpoint.pt").write_text("ckpt"); sys.exit(143)
+        signal.signal(signal.SIGTERM, term)
+        time.sleep(60)
+    if heads == "98":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(60)
+    for f in ("map.mrc", "half1_map.mrc", "half2_map.mrc", "particles.star", "logfile.pdf"):
+        (out / f).write_text("x")
+    (out / "argv.txt").write_text(" ".join(a))
+""")
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "parts.star").write_text("data_\n")
+    (tmp_path / "child.py").write_text(STAND_IN)
+    return tmp_path
+
+
+def _run(heads, *extra, grace=10.0):
+    argv = ["--o", "External/job002/", "--in_parts", "parts.star", "--in_3dref", "ref.mrc", "--heads", str(heads),
+            *extra, "--j", "2", "--pipeline_control", "External/job002/"]
+    return ej.run_job(argv, base_command=[sys.executable, "child.py"], known_options=KNOWN, poll=0.1, grace=grace)
+
+
+def test_run_job_success_writes_nodes_and_exit_file(project, capsys):
+    job = project / "External/job002"
+    job.mkdir(parents=True)
+    (job / EXIT_FAILURE).touch()  # stale, from an earlier run
+    assert _run(3, "--epochs_amortized", "1") == 0
+    assert (job / EXIT_SUCCESS).exists() and not (job / EXIT_FAILURE).exists()
+    argv = (job / "argv.txt").read_text()
+    assert argv == "--i parts.star --o External/job002 --j 2 --heads 3 --epochs-amortized 1"
+    names = {r[0]: r[1] for r in read_output_nodes(job / "RELION_OUTPUT_NODES.star")}
+    assert names == {"External/job002/particles.star": 3, "External/job002/map.mrc": 6,
+                     "External/job002/half1_map.mrc": 10, "External/job002/logfile.pdf": 13}
+    assert "--in_3dref ref.mrc ignored" in capsys.readouterr().out
+
+
+def test_run_job_child_failure_and_bad_params(project, capsys):
+    job = project / "External/job002"
+    assert _run(0) == 2
+    assert (job / EXIT_FAILURE).exists() and not (job / "RELION_OUTPUT_NODES.star").exists()
+    assert "failed with exit status 2" in capsys.readouterr().err
+    assert _run(3, "--nonsense", "1") == 2
+    assert (job / EXIT_FAILURE).exists()
+    assert "valid names:" in capsys.readouterr().err
+    (project / "parts.star").unlink()
+    assert _run(3) == 2 and "not found" in capsys.readouterr().err
+
+
+def test_run_job_internal_error_still_writes_failure(project, monkeypatch, capsys):
+    def boom(*a, **k):
+        raise RuntimeError("bug")
+    monkeypatch.setattr(ej, "run_child", boom)
+    assert _run(3) == 1
+    assert (project / "External/job002" / EXIT_FAILURE).exists()
+    assert "internal error: RuntimeError: bug" in capsys.readouterr().err
+
+
+def test_run_job_abort_file_stops_child(project):
+    import threading
+    job = project / "External/job002"
+    job.mkdir(parents=True)
+    threading.Timer(1.0, lambda: (job / ABORT_NOW).touch()).start()
+    t0 = time.monotonic()
+    assert _run(99) == 3
+    assert time.monotonic() - t0 < 5
+    assert (job / EXIT_ABORTED).exists() and (job / "checkpoint.pt").exists()
+    # "Continue" in the GUI reruns the same folder: the stale abort file goes, the run resumes
+    (job / ABORT_NOW).unlink()
+    assert _run(3) == 0
+    assert "--continue" in (job / "argv.txt").read_text()
+    assert not (job / EXIT_ABORTED).exists() and (job / EXIT_SUCCESS).exists()
+
+
+def test_run_job_abort_kills_a_child_that_ignores_sigterm(project):
+    import threading
+    job = project / "External/job002"
+    job.mkdir(parents=True)
+    threading.Timer(0.5, lambda: (job / ABORT_NOW).touch()).start()
+    t0 = time.monotonic()
+    assert _run(98, grace=1.0) == 3
+    assert time.monotonic() - t0 < 5
+    assert (job / EXIT_ABORTED).exists()
+
+
+# ------------------------------------------------------------------ real RELION
+
+HAVE_RELION = shutil.which("relion_pipeliner") is not None and shutil.which("relion_project") is not None
+HAVE_ABINIT = importlib.util.find_spec("cryospin_relion.commands.abinit") is not None
+needs_relion = [
+    pytest.mark.relion,
+    pytest.mark.skipif(not HAVE_RELION, reason="RELION binaries (relion_pipeliner, relion_project) not on PATH"),
+    pytest.mark.skipif(not HAVE_ABINIT, reason="the 'cryospin abinit' command is not installed"),
+]
+
+STATUS_31 = {0: "Running", 1: "Scheduled", 2: "Succeeded", 3: "Failed", 4: "Aborted"}
+BOX, APIX, N_PARTICLES = 24, 5.0, 200
+TINY = {"box": "24", "heads": "2", "epochs_amortized": "1", "epochs_autodecode": "1", "seed": "1"}
+
+
+def make_particles(project: Path, n: int = N_PARTICLES, box: int = BOX, apix: float = APIX, seed: int = 0) -> str:
+    """A small CTF-modulated, noisy particle set made with relion_project; returns its project-relative STAR."""
+    rng = np.random.default_rng(seed)
+    g = np.mgrid[:box, :box, :box] - box // 2
+    vol = np.zeros((box,) * 3, np.float32)
+    for c in rng.normal(0, box / 8, (10, 3)):
+        vol += np.exp(-((g[2] - c[0]) ** 2 + (g[1] - c[1]) ** 2 + (g[0] - c[2]) ** 2) / (2 * 1.5 ** 2))
+    data = project / "Data"
+    data.mkdir(exist_ok=True)
+    with mrcfile.new(data / "truth.mrc", overwrite=True) as m:
+        m.set_data(vol)
+        m.voxel_size = apix
+    rot, psi = rng.uniform(-180, 180, (2, n))
+    tilt = np.degrees(np.arccos(rng.uniform(-1, 1, n)))
+    dfu = rng.uniform(8000, 20000, n)
+    lines = ["# version 30001", "", "data_optics", "", "loop_", "_rlnOpticsGroupName #1", "_rlnOpticsGroup #2",
+             "_rlnVoltage #3", "_rlnSphericalAberration #4", "_rlnAmplitudeContrast #5", "_rlnImagePixelSize #6",
+             "_rlnImageSize #7", "_rlnImageDimensionality #8", f"opticsGroup1 1 300 2.7 0.1 {apix} {box} 2", "",
+             "# version 30001", "", "data_particles", "", "loop_", "_rlnAngleRot #1", "_rlnAngleTilt #2",
+             "_rlnAnglePsi #3", "_rlnDefocusU #4", "_rlnDefocusV #5", "_rlnDefocusAngle #6", "_rlnOpticsGroup #7",
+             "_rlnOriginXAngst #8", "_rlnOriginYAngst #9"]
+    lines += [f"{rot[i]:.3f} {tilt[i]:.3f} {psi[i]:.3f} {dfu[i]:.1f} {dfu[i]:.1f} 0 1 0 0" for i in range(n)]
+    (data / "angles.star").write_text("\n".join(lines) + "\n")
+    subprocess.run(["relion_project", "--i", "truth.mrc", "--ang", "angles.star", "--o", "particles", "--ctf",
+                    "--add_noise", "--white_noise", "0.3", "--angpix", str(apix)],
+                   cwd=data, check=True, capture_output=True, timeout=120)
+    star = (data / "particles.star").read_text()
+    # project-relative image names, as an Extract job would write them
+    (data / "particles.star").write_text(re.sub(r"@particles\.mrcs", "@Data/particles.mrcs", star))
+    return "Data/particles.star"
+
+
+def pipeliner(project: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(["relion_pipeliner", *args], cwd=project, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_pipeline(project: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """({process name: 3.1 status}, {node name: 3.1 type}) from default_pipeline.star."""
+    procs, nodes, block, cols = {}, {}, None, []
+    for line in (project / "default_pipeline.star").read_text().splitlines():
+        s = line.strip()
+        if s.startswith("data_"):
+            block, cols = s, []
+        elif s.startswith("_"):
+            cols.append(s.split()[0])
+        elif s and not s.startswith(("#", "loop_")) and cols and len(s.split()) == len(cols):
+            row = dict(zip(cols, s.split()))
+            if block == "data_pipeline_processes":
+                procs[row["_rlnPipeLineProcessName"]] = int(row["_rlnPipeLineProcessStatus"])
+            elif block == "data_pipeline_nodes":
+                nodes[row["_rlnPipeLineNodeName"]] = int(row["_rlnPipeLineNodeType"])
+    return procs, nodes
+
+
+def new_project(root: Path) -> Path:
+    """A headless RELION 3.1 project with the particles imported as Import/job001/particles.star."""
+    root.mkdir(parents=True, exist_ok=True)
+    # relion_pipeliner needs the pipeline file to exist (else it fails and leaves .relion_lock behind)
+    (root / "default_pipeline.star").write_text(
+        "# version 30001\n\ndata_pipeline_general\n\n_rlnPipeLineJobCounter                       1\n\n")
+    star = make_particles(root)
+    r = pipeliner(root, "--addJob", "Import", "--addJobOptions",
+                  f"fn_in_other == {star};node_type == Particles STAR file (.star);do_other == Yes;do_raw == No")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = pipeliner(root, "--RunJobs", "Import/job001/", "--sec_wait_after", "0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    procs, nodes = read_pipeline(root)
+    assert procs == {"Import/job001/": 2} and nodes == {"Import/job001/particles.star": 3}
+    return root
+
+
+def add_external(project: Path, params: dict[str, str], in_part: str = "Import/job001/particles.star") -> str:
+    before = set(read_pipeline(project)[0])
+    opts = [f"fn_exe == {ej.PROG}", f"in_part == {in_part}", "nr_threads == 2"]
+    for k, (label, value) in enumerate(params.items(), start=1):
+        opts += [f"param{k}_label == {label}", f"param{k}_value == {value}"]
+    r = pipeliner(project, "--addJob", "External", "--addJobOptions", ";".join(opts))
+    assert r.returncode == 0, r.stdout + r.stderr
+    (job,) = set(read_pipeline(project)[0]) - before
+    return job
+
+
+def run_jobs(project: Path, job: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    r = pipeliner(project, "--RunJobs", job, "--sec_wait_after", "0", timeout=timeout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (project / ".relion_lock").exists()
+    return r
+
+
+@pytest.fixture(scope="module")
+def relion_project(tmp_path_factory):
+    if not (HAVE_RELION and HAVE_ABINIT):
+        pytest.skip("needs RELION and cryospin abinit")
+    if shutil.which(ej.PROG) is None:
+        pytest.skip(f"console script {ej.PROG} not on PATH (pip install -e .)")
+    return new_project(tmp_path_factory.mktemp("relion") / "project")
+
+
+def relion_test(f):
+    for m in needs_relion + [pytest.mark.slow]:
+        f = m(f)
+    return f
+
+
+@relion_test
+def test_relion_external_job_succeeds_and_registers_nodes(relion_project):
+    project = relion_project
+    job = add_external(project, TINY)
+    t0 = time.monotonic()
+    run_jobs(project, job)
+    seconds = time.monotonic() - t0
+    d = project / job
+    procs, nodes = read_pipeline(project)
+    assert procs[job] == 2, f"{STATUS_31.get(procs[job])}; run.err:\n{(d / 'run.err').read_text()}"
+    assert (d / EXIT_SUCCESS).exists()
+    assert {k: v for k, v in nodes.items() if k.startswith(job)} == {
+        f"{job}particles.star": 3, f"{job}map.mrc": 6, f"{job}half1_map.mrc": 10, f"{job}logfile.pdf": 13}
+    for name, kind in (("particles.star", 3), ("map.mrc", 6), ("half1_map.mrc", 10), ("logfile.pdf", 13)):
+        assert (project / ".Nodes" / str(kind) / job / name).exists()
+    # the command RELION ran, and the GUI parameters arriving at abinit
+    note = (d / "note.txt").read_text()
+    assert f"{ej.PROG} --o {job} --in_parts Import/job001/particles.star" in note
+    out = (d / "run.out").read_text()
+    assert "--epochs-amortized 1" in out and "--box 24" in out and "--j 2" in out
+    for f in ("map.mrc", "half1_map.mrc", "half2_map.mrc", "particles.star", "logfile.pdf"):
+        assert (d / f).is_file(), f
+    # image names stay project-relative
+    text = (d / "particles.star").read_text()
+    assert "@Data/particles.mrcs" in text
+    print(f"External job {job}: {seconds:.1f} s")
+
+
+@relion_test
+def test_relion_external_job_bad_input_fails(relion_project):
+    project = relion_project
+    bad = project / "Data" / "bad.star"
+    bad.write_text("# version 30001\n\ndata_particles\n\nloop_\n_rlnImageName #1\n000001@Data/missing.mrcs\n")
+    job = add_external(project, {"heads": "2"}, in_part="Data/bad.star")
+    run_jobs(project, job)
+    procs, nodes = read_pipeline(project)
+    assert procs[job] == 3
+    d = project / job
+    assert (d / EXIT_FAILURE).exists() and not any(k.startswith(job) for k in nodes)
+    assert "error" in (d / "run.err").read_text()
+    # an unknown GUI parameter fails too, naming the valid ones
+    job = add_external(project, {"heads": "2", "hedas": "3"})
+    run_jobs(project, job)
+    assert read_pipeline(project)[0][job] == 3
+    assert "valid names:" in (project / job / "run.err").read_text()
+
+
+@relion_test
+def test_relion_external_job_abort(relion_project):
+    project = relion_project
+    params = dict(TINY, epochs_amortized="200", epochs_autodecode="200")
+    job = add_external(project, params)
+    d = project / job
+    proc = subprocess.Popen(["relion_pipeliner", "--RunJobs", job, "--sec_wait_after", "0"], cwd=project,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((d / "run.out").exists() and "running: " in (d / "run.out").read_text()):
+            assert time.monotonic() < deadline and proc.poll() is None, "job did not start"
+            time.sleep(0.2)
+        time.sleep(3)  # let abinit get going
+        (d / ABORT_NOW).touch()
+        t0 = time.monotonic()
+        proc.wait(timeout=60)
+        seconds = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (d / EXIT_ABORTED).exists()
+    assert seconds < 15, seconds
+    assert read_pipeline(project)[0][job] == 4
+    assert not (project / ".relion_lock").exists()
+    print(f"abort took {seconds:.1f} s")
