@@ -1,21 +1,27 @@
 """Direct Fourier reconstruction: CTF-weighted backprojection with Wiener normalisation.
 
-Images are zero-padded by ``pad`` in real space (as RELION does), transformed
-with rfft2 (the kx >= 0 half plane) and splatted trilinearly into a (D, D, D)
-centred grid, D = pad * n, as numerator sum CTF * X and weight sum CTF^2. The
-missing half space follows from Friedel symmetry. The volume is
+Each image's rfft2 samples (the kx >= 0 half plane inside |k| <= n/2) are placed,
+as RELION's BackProjector does, at pad * (A^T k) on a (D, D, D) centred grid,
+D = pad * n, and splatted trilinearly as numerator sum CTF * X and weight sum
+CTF^2. The missing half space follows from Friedel symmetry. The volume is
 IFFT(num / (weight + tau)), cropped to n and divided by the sinc^2 response of
 trilinear splatting (gridding correction).
 
-Speed (``insert_images``): the in-circle pixel set of the padded half plane and
-its CTF helper terms are computed once per (D, device); per-image arithmetic
-(phase ramp, CTF, trilinear weights) runs in float32 on those P points only;
-the 8 trilinear corners go to the grid in one ``scatter_add_`` per component.
-For batches that touch more points than the grid holds, each worker scatters
-into float32 staging grids that are then added to the float64 sums (so long
-runs still accumulate in float64); on CPU the batch is split over
-``threads`` Python threads, each with its own staging grids (torch releases the
-GIL inside its kernels). Results agree with a float64 evaluation to ~1e-6.
+(``pad_images=True`` instead zero-pads each image to D in real space and inserts
+all of its oversampled transform. That is accurate for images whose content
+lies inside the box, but CTF-modulated images are delocalised beyond it and the
+in-between samples are then wrong: amplitudes fall to ~0.5 near Nyquist at
+2.5 um defocus. It is kept for comparison only.)
+
+Speed (``insert_images``): the plane's sample set and its CTF helper terms are
+computed once per (n, D, device); per-image arithmetic (phase ramp, CTF,
+trilinear weights) runs in float32 on those P points only. For batches that
+touch more points than the grid holds, each worker scatters into float32
+staging grids of the half space kz >= 0 (points with kz < 0 go in as their
+Friedel mates), which are then added to the float64 sums, so long runs still
+accumulate in float64; on CPU the batch is split over ``threads`` Python threads,
+each with its own staging grids (torch releases the GIL inside its kernels).
+Results agree with a float64 evaluation to ~1e-6.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from cryospin_relion.geometry.slicing import sinc2_window_3d
 
 # points (x 8 trilinear corners) handled per step; bounds the temporaries to ~100 MB
 _POINTS_PER_STEP = 1 << 22
+PAD_IMAGES = False
 # points per trilinear-splat group on CPU: keeps its ~10 float32 temporaries within L2
 _SPLAT_POINTS = 1 << 15
 
@@ -65,22 +72,26 @@ class Accumulator:
 
 @dataclass(frozen=True)
 class _Plane:
-    """The P points of the padded half plane (kx >= 0) inside the Nyquist circle |k| <= D/2.
+    """The P points of an image's rfft2 half plane (kx >= 0) inside the circle |k| <= m/2,
+    m = the FFT size, and where they land on the (D, D, D) grid (scaled by ``scale`` = D / m).
 
-    Ordered core first: the first ``core`` points have |k| <= D/2 - 3, so at any
+    Ordered core first: the first ``core`` points have scale * |k| <= D/2 - 3, so at any
     rotation they and their trilinear corners stay 2 voxels inside the grid; the
     rest (the rim) need bounds checks.
 
-    sel: (P,) int64 flat index into the *unshifted* rfft2 output (D, D//2+1).
-    k: (2, P) float32 (kx, ky) in padded-grid units.
+    sel: (P,) int64 flat index into the *unshifted* rfft2 output (m, m//2+1).
+    k: (2, P) float32 (kx, ky) in cycles per m pixels.
+    kpos: (2, P) float32 scale * k, in voxels of the D grid.
     r2: (P,) float32 kx^2 + ky^2.
     cos2t, sin2t: (P,) float32 cos / sin of twice the polar angle (for astigmatism).
-    half: (P,) float32 0.5 on the kx = 0 and kx = D/2 columns (they hold k and -k), else 1.
+    half: (P,) float32 0.5 on the kx = 0 and kx = m/2 columns (they hold k and -k), else 1.
     core: number of core points.
     """
 
+    m: int
     sel: Tensor
     k: Tensor
+    kpos: Tensor
     r2: Tensor
     cos2t: Tensor
     sin2t: Tensor
@@ -89,24 +100,26 @@ class _Plane:
 
 
 @functools.lru_cache(maxsize=16)
-def _plane(D: int, device: torch.device) -> _Plane:
-    ky = torch.arange(D, dtype=torch.float64) - D // 2
-    kx = torch.arange(D // 2 + 1, dtype=torch.float64)
+def _plane(m: int, D: int, device: torch.device) -> _Plane:
+    scale = D / m
+    ky = torch.arange(m, dtype=torch.float64) - m // 2
+    kx = torch.arange(m // 2 + 1, dtype=torch.float64)
     KY, KX = torch.meshgrid(ky, kx, indexing="ij")
     r2 = KX**2 + KY**2
-    keep = r2 <= (D // 2) ** 2
+    keep = r2 <= (m / 2) ** 2
     kxk, kyk, r2k = KX[keep], KY[keep], r2[keep]
-    inner = r2k <= max(D // 2 - 3, 0) ** 2
+    inner = r2k * scale**2 <= max(D // 2 - 3, 0) ** 2
     order = torch.cat([torch.nonzero(inner)[:, 0], torch.nonzero(~inner)[:, 0]])
     kxk, kyk, r2k = kxk[order], kyk[order], r2k[order]
-    rows = torch.remainder(kyk.long(), D)  # unshifted row of ky
-    sel = rows * (D // 2 + 1) + kxk.long()
+    rows = torch.remainder(kyk.long(), m)  # unshifted row of ky
+    sel = rows * (m // 2 + 1) + kxk.long()
     safe = torch.where(r2k > 0, r2k, torch.ones_like(r2k))
     cos2t = torch.where(r2k > 0, (kxk**2 - kyk**2) / safe, torch.ones_like(r2k))  # atan2(0, 0) = 0
     sin2t = torch.where(r2k > 0, 2 * kxk * kyk / safe, torch.zeros_like(r2k))
-    half = torch.where((kxk == 0) | (kxk == D // 2), 0.5, 1.0)
+    half = torch.where((kxk == 0) | (2 * kxk == m), 0.5, 1.0)
     f32 = dict(device=device, dtype=torch.float32)
-    return _Plane(sel.to(device), torch.stack([kxk, kyk]).to(**f32), r2k.to(**f32), cos2t.to(**f32),
+    k = torch.stack([kxk, kyk])
+    return _Plane(m, sel.to(device), k.to(**f32), (k * scale).to(**f32), r2k.to(**f32), cos2t.to(**f32),
                   sin2t.to(**f32), half.to(**f32), int(inner.sum()))
 
 
@@ -134,7 +147,7 @@ def _rfft_padded_unshifted(images: Tensor, D: int) -> Tensor:
     return torch.fft.rfft2(pad)
 
 
-def _ctf_points(plane: _Plane, apix: Tensor, D: int, params: dict[str, Tensor]) -> Tensor:
+def _ctf_points(plane: _Plane, apix: Tensor, params: dict[str, Tensor]) -> Tensor:
     """RELION's CTF (``ctf.ctf_from_freqs``) at the plane's P points, (B, P) float32.
 
     Frequencies are k / (apix * D) in 1/A; the astigmatism term uses
@@ -142,7 +155,7 @@ def _ctf_points(plane: _Plane, apix: Tensor, D: int, params: dict[str, Tensor]) 
     """
     f = {k: (None if v is None else v.to(device=plane.k.device, dtype=torch.float64)) for k, v in params.items()}
     p = lambda t: t[:, None].to(torch.float32)  # noqa: E731  (B,) -> (B, 1)
-    inv2 = 1.0 / (apix.to(torch.float64) * D) ** 2
+    inv2 = 1.0 / (apix.to(torch.float64) * plane.m) ** 2
     s2 = plane.r2[None] * p(inv2)  # (B, P) 1/A^2
     u, v = f["defocus_u"], f["defocus_v"]
     ang = 2.0 * torch.deg2rad(f["defocus_angle"])
@@ -212,21 +225,26 @@ def _insert_chunk(
     (``_staging_shape``); else targets = (acc.num viewed flat, interleaved re/im;
     acc.weight), scattered with bounds checks.
     """
-    ft = _rfft_padded_unshifted(images.to(torch.float32), D).flatten(1)[:, plane.sel]  # (B, P) complex64
+    m = plane.m
+    if m == images.shape[-1]:  # the image's own samples, as RELION inserts them
+        ft = torch.fft.rfft2(torch.fft.ifftshift(images.to(torch.float32), dim=(-2, -1)))
+    else:  # zero-padded to m = D (oversampled in the plane)
+        ft = _rfft_padded_unshifted(images.to(torch.float32), m)
+    ft = ft.flatten(1)[:, plane.sel]  # (B, P) complex64
     if translations_px is not None:
-        # undo the translation t: multiply by exp(+2 pi i k.t / D)
-        t = translations_px.to(torch.float64) * (2.0 * math.pi / D)
+        # undo the translation t: multiply by exp(+2 pi i k.t / m)
+        t = translations_px.to(torch.float64) * (2.0 * math.pi / m)
         ph = torch.addmm(t[:, 1:2].float() * plane.k[1][None], t[:, 0:1].float(), plane.k[0][None])
         ft = ft * torch.polar(torch.ones_like(ph), ph)
     if ctf_params is not None:
-        c = _ctf_points(plane, apix, D, ctf_params)
+        c = _ctf_points(plane, apix, ctf_params)
         cw = c * plane.half
         re, im, wt = ft.real * cw, ft.imag * cw, c * cw
     else:
         re, im = ft.real * plane.half, ft.imag * plane.half
         wt = plane.half.expand_as(re)
     A2t = rotations[:, :2, :].transpose(1, 2).to(torch.float32)  # (B, 3, 2)
-    pos = torch.matmul(A2t, plane.k) + float(D // 2)  # (B, 3, P) grid coordinates (x, y, z)
+    pos = torch.matmul(A2t, plane.kpos) + float(D // 2)  # (B, 3, P) grid coordinates (x, y, z)
     if staged:
         pc = plane.core
         _splat_staged(D, pos[..., :pc], re[:, :pc], im[:, :pc], wt[:, :pc], targets, checked=False)
@@ -353,6 +371,7 @@ def insert_images(
     apix: Tensor,
     ctf_params: dict[str, Tensor] | None,
     threads: int | None = None,
+    pad_images: bool = PAD_IMAGES,
 ) -> None:
     """Backproject real images into ``acc`` (in place).
 
@@ -366,13 +385,16 @@ def insert_images(
         ctf_params: dict of (B,) tensors for ``ctf.ctf_from_freqs``, or None (no CTF).
         threads: CPU worker threads the batch is split over (default
             torch.get_num_threads()); the sums do not depend on it beyond float rounding.
+        pad_images: zero-pad each image to D in real space and insert all D^2/2
+            samples of its oversampled transform; default (False) inserts the
+            image's own n^2/2 samples at pad-scaled positions, as RELION does.
     """
     D = acc.size
     B = images.shape[0]
     if B == 0:
         return
     device = acc.num.device
-    plane = _plane(D, device)
+    plane = _plane(D if pad_images else acc.box, D, device)
     P = plane.sel.numel()
     images = images.to(device)
     rotations = rotations.to(device)
