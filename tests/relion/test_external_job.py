@@ -383,7 +383,7 @@ def test_relion_external_job_bad_input_fails(relion_project):
 @relion_test
 def test_relion_external_job_abort(relion_project):
     project = relion_project
-    params = dict(TINY, epochs_amortized="200", epochs_autodecode="200")
+    params = dict(TINY, epochs_amortized="1000", epochs_autodecode="1000")
     job = add_external(project, params)
     d = project / job
     proc = subprocess.Popen(["relion_pipeliner", "--RunJobs", job, "--sec_wait_after", "0"], cwd=project,

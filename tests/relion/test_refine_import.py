@@ -47,6 +47,23 @@ def _resolution(outdir: Path) -> float:
     return 30.0
 
 
+def _reap_group(pgid: int, timeout: float = 10.0) -> None:
+    """Wait for the MPI ranks left in process group ``pgid`` to go; SIGKILL them after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        if time.monotonic() > deadline:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return
+        time.sleep(0.2)
+
+
 def test_refine3d_starts_from_our_outputs(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
@@ -106,6 +123,7 @@ def test_refine3d_starts_from_our_outputs(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        _reap_group(proc.pid)
         log.close()
     text = (refine / "run.out").read_text()
     assert "ERROR" not in text, text[-3000:]
