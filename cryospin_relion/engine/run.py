@@ -54,32 +54,10 @@ from cryospin_relion.model.volume import HartleyVolume, radial_profile_2d
 log = logging.getLogger("cryospin.abinit")
 
 CHECKPOINT_VERSION = 1
-_FLIP = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def flip_hand_poses(R: np.ndarray | Tensor):
-    """Poses of the mirrored map v'(x, y, z) = v(x, y, -z): A' = Q A Q, Q = diag(1, 1, -1).
-
-    (Shifts are unchanged.) Projections of v' at A' equal those of v at A.
-    """
-    if isinstance(R, np.ndarray):
-        Q = _FLIP.numpy()
-        return Q @ R @ Q
-    Q = _FLIP.to(R)
-    return Q @ R @ Q
-
-
-def flip_hand_map(vol: Tensor) -> Tensor:
-    """v'(z) = v(-z) about the centre n // 2 (z is axis 0 in MRC order)."""
-    n = vol.shape[0]
-    out = torch.flip(vol, dims=(0,))
-    return torch.roll(out, 1, dims=0) if n % 2 == 0 else out
 
 
 def crop_for_epoch(cfg: AbinitConfig, box: int, epoch: int) -> int:
@@ -120,8 +98,12 @@ def _set_rng_state(d: dict) -> None:
 
 
 def _new_history() -> dict:
-    return {k: [] for k in ("epoch", "stage", "loss", "time_s", "images_per_s", "crop", "lr_encoder", "lr_decoder",
-                            "lr_pose", "head_win_share", "pose_change_deg", "switched")} | {"switch_epoch": None}
+    """Per-epoch lists; time_s is cumulative training time, epoch_time_s per epoch; head_wins (M,) counts
+    and head_win_share fractions in stage 1 (None in stage 2); pose_change_deg = median geodesic change of
+    each image's pose (winning head in stage 1, table in stage 2) since the previous epoch."""
+    return {k: [] for k in ("epoch", "stage", "loss", "time_s", "epoch_time_s", "images_per_s", "crop", "lr_encoder",
+                            "lr_decoder", "lr_pose", "head_wins", "head_win_share", "pose_change_deg", "switched")} | {
+        "switch_epoch": None}
 
 
 class AbinitEngine:
@@ -173,11 +155,20 @@ class AbinitEngine:
         return x.to(device=self.device, dtype=torch.float32)
 
     def _radial_scale(self) -> Tensor:
-        """RMS Hartley coefficient per shell over up to 512 evenly spaced images (the preconditioner)."""
+        """Preconditioner per shell over up to 512 evenly spaced images: the RMS of the images'
+        Hartley coefficients divided by the RMS of their CTF (clamped at 0.1), i.e. the typical
+        magnitude of the volume's coefficients (low frequencies, damped by the CTF, are large)."""
         k = min(self.N, 512)
         idx = torch.from_numpy(np.unique(np.linspace(0, self.N - 1, k).round().astype(np.int64)))
         x = self._load_images(idx)
-        return radial_profile_2d(ht2_centered(x) / self.box).cpu()
+        prof = radial_profile_2d(ht2_centered(x) / self.box).cpu()
+        if self.ctf is not None:
+            from cryospin_relion.engine.losses import ctf_cropped
+
+            c = ctf_cropped(self.box, self.box, self.apix[idx.to(self.device)],
+                            {k: v[idx.to(self.device)] for k, v in self.ctf.items()})
+            prof = prof / radial_profile_2d(c).cpu().clamp_min(0.1)
+        return prof
 
     def batch(self, idx: Tensor, crop: int):
         idx = idx.to(self.device)
@@ -264,13 +255,15 @@ class AbinitEngine:
         h["epoch"].append(e + 1)
         h["stage"].append(self.stage)
         h["loss"].append(a["loss_sum"] / max(1, a["count"]))
-        h["time_s"].append(a["time_s"])
+        h["time_s"].append((h["time_s"][-1] if h["time_s"] else 0.0) + a["time_s"])
+        h["epoch_time_s"].append(a["time_s"])
         h["images_per_s"].append(a["count"] / max(a["time_s"], 1e-9))
         h["crop"].append(self.crop())
         h["lr_encoder"].append(cfg.lr_encoder if self.stage == 1 else 0.0)
         h["lr_decoder"].append(cfg.lr_decoder if self.stage == 1 else cfg.lr_decoder_stage2)
         h["lr_pose"].append(0.0 if self.stage == 1 else cfg.lr_pose)
         h["head_win_share"].append(share)
+        h["head_wins"].append(list(a["wins"]) if self.stage == 1 else None)
         h["pose_change_deg"].append(None if math.isnan(change) else change)
         switched = False
         if self.stage == 1:
@@ -311,14 +304,11 @@ class AbinitEngine:
             R, t = self.win_R, self.win_t
         R = R.detach().double().cpu().numpy()
         t = t.detach().double().cpu().numpy()
-        if self.cfg.flip_hand:
-            R = flip_hand_poses(R)
         return R, t
 
     def decoder_map(self) -> Tensor:
-        """The learned volume in real space, (n, n, n) float32 on the CPU (hand-flipped with flip_hand)."""
-        v = self.volume.real_map().cpu()
-        return flip_hand_map(v) if self.cfg.flip_hand else v
+        """The learned volume in real space, (n, n, n) float32 on the CPU (hand not flipped: the command does it)."""
+        return self.volume.real_map().cpu()
 
     # -- checkpoint ------------------------------------------------------------------------
     def state_dict(self) -> dict:

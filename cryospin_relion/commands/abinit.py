@@ -1,0 +1,296 @@
+"""Ab-initio reconstruction with cryoSPIN (semi-amortized pose inference).
+
+Examples:
+  cryospin abinit --i Extract/job005/particles.star --o abinit
+  cryospin abinit --i J12_particles.cs --o abinit --box 64 --heads 7 --device cuda
+  cryospin abinit --i particles.star --o abinit --continue        # resume after a stop
+
+Stage 1 trains a multi-head image encoder and a Hartley-space volume (auto-encoding,
+winner takes all over the heads); stage 2 optimises every particle's pose directly
+(auto-decoding), starting from its winning head. Images are Fourier-cropped to the
+working box (--box, default min(input box, 64)).
+
+Outputs in DIR: half1_map.mrc, half2_map.mrc (backprojections of the two random
+halves with the final poses; both halves come from ONE ab-initio run, so they are
+not independent refinements and their FSC is optimistic), map.mrc (all particles,
+low-pass filtered at the 0.143 resolution, for use as a RELION initial model with
+--ini_high), decoder_map.mrc (the learned volume), fsc.txt, particles.star (RELION
+3.1+, every input column kept, new angles/origins/rlnRandomSubset), particles.cs
+(for .cs input), config.yaml (effective config), run.log, history.json,
+checkpoint.pt (after every epoch), logfile.pdf (when the report module is present).
+
+Options precedence: command-line flags > --config YAML > built-in defaults.
+Exit codes: 0 success, 1 internal failure, 2 bad input, 130/143 stopped by
+SIGINT/SIGTERM (a checkpoint is written; rerun with --continue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryospin_relion.config import AbinitConfig
+from cryospin_relion.errors import InputError
+
+CHECKPOINT = "checkpoint.pt"
+LOGGER = "cryospin.abinit"
+
+# flag name on the command line -> config field
+_FLAG_FIELDS = {
+    "box": "box", "heads": "heads", "epochs_amortized": "epochs_amortized", "epochs_autodecode": "epochs_autodecode",
+    "device": "device", "j": "threads", "seed": "seed", "max_shift": "max_shift", "batch_size": "batch_size",
+    "preset": "preset", "loss": "loss",
+}
+_BOOL_FIELDS = {"no_ctf": "no_ctf", "invert": "invert", "flip_hand": "flip_hand"}
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    d = AbinitConfig()
+    p.add_argument("--i", required=True, metavar="IN", help="particles (.star or .cs)")
+    p.add_argument("--o", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--config", metavar="YAML", help="configuration file (any AbinitConfig field)")
+    p.add_argument("--box", type=int, help=f"working box in pixels, even (default min(input box, {d.max_box}))")
+    p.add_argument("--heads", type=int, help=f"pose heads M (default {d.heads})")
+    p.add_argument("--epochs-amortized", type=int, help=f"max stage-1 epochs (default {d.epochs_amortized})")
+    p.add_argument("--epochs-autodecode", type=int, help=f"stage-2 epochs (default {d.epochs_autodecode})")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="compute device (default auto)")
+    p.add_argument("--j", type=int, metavar="N", help="CPU threads (default: torch's default)")
+    p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
+    p.add_argument("--continue", dest="cont", action="store_true", help="resume from DIR/checkpoint.pt")
+    p.add_argument("--max-shift", type=float, metavar="PX", help="shift bound, working-box pixels (default 0.1 box)")
+    p.add_argument("--batch-size", type=int, metavar="B", help=f"batch size (default {d.batch_size})")
+    p.add_argument("--preset", choices=("fast", "paper"), help=f"encoder size (default {d.preset})")
+    p.add_argument("--loss", choices=("l1", "l2"), help=f"reconstruction loss (default {d.loss})")
+    p.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
+    p.add_argument("--invert", action="store_true", help="invert the image contrast (protein black -> white)")
+    p.add_argument("--datadir", metavar="D", help="extra folder to search for image stacks")
+    p.add_argument("--angpix", type=float, metavar="A", help="pixel size when the file has none")
+    p.add_argument("--flip-hand", action="store_true", help="mirror the result (maps and poses)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or console log lines")
+    p.add_argument("--json-summary", metavar="FILE", help="write a JSON summary of the run")
+    p.add_argument("--dry-run", action="store_true", help="check inputs, write config.yaml, do not run")
+
+
+def effective_config(args: argparse.Namespace, out_dir: Path) -> AbinitConfig:
+    """defaults < (DIR/config.yaml when continuing without --config) < --config YAML < flags."""
+    if args.config:
+        cfg = AbinitConfig.from_yaml(args.config)
+    elif getattr(args, "cont", False) and (out_dir / "config.yaml").is_file():
+        cfg = AbinitConfig.from_yaml(out_dir / "config.yaml")
+    else:
+        cfg = AbinitConfig()
+    kw = {field: getattr(args, flag, None) for flag, field in _FLAG_FIELDS.items()}
+    kw.update({field: True for flag, field in _BOOL_FIELDS.items() if getattr(args, flag, False)})
+    return cfg.override(**kw)
+
+
+def _setup_logging(out_dir: Path, quiet: bool) -> logging.Logger:
+    log = logging.getLogger(LOGGER)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    fh = logging.FileHandler(out_dir / "run.log")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.addHandler(fh)
+    if not quiet:
+        ch = logging.StreamHandler(sys.stdout)
+        ch.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(ch)
+    return log
+
+
+def _close_logging() -> None:
+    log = logging.getLogger(LOGGER)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+
+
+def _save_torch(obj, path: Path) -> None:
+    from cryospin_relion.io.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _save_json(obj, path: Path) -> None:
+    from cryospin_relion.io.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=1, default=float))
+
+
+def lowpass(vol: np.ndarray, res_A: float, apix: float, width_shells: float = 2.0) -> np.ndarray:
+    """Low-pass filter a map at ``res_A`` with a raised-cosine edge ``width_shells`` wide."""
+    from cryospin_relion.geometry.fourier import fft3_centered, ifft3_centered, radius_grid_3d
+
+    n = vol.shape[-1]
+    v = torch.as_tensor(vol, dtype=torch.float64)
+    r = radius_grid_3d(n, dtype=torch.float64)
+    cut = n * apix / max(res_A, 2 * apix)
+    edge = ((r - cut) / width_shells).clamp(0, 1)
+    filt = 0.5 * (1 + torch.cos(math.pi * edge))
+    return ifft3_centered(fft3_centered(v) * filt).real.float().numpy()
+
+
+def main(args: argparse.Namespace) -> int:
+    out = Path(args.o)
+    inp = Path(args.i)
+    if not inp.is_file():
+        raise InputError(f"{inp}: --i: file not found")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: --o: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{out}: --o: cannot create the folder ({e.strerror or e})") from None
+    cfg = effective_config(args, out)
+    log = _setup_logging(out, args.quiet)
+    try:
+        return _run(args, cfg, inp, out, log)
+    finally:
+        _close_logging()
+
+
+def _run(args, cfg: AbinitConfig, inp: Path, out: Path, log: logging.Logger) -> int:
+    from cryospin_relion.data.stack import build_cache
+    from cryospin_relion.engine.run import AbinitEngine, resolve_device
+    from cryospin_relion.io.read import read_particles
+
+    t_start = time.perf_counter()
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    table = read_particles(inp, datadir=args.datadir, angpix=args.angpix, no_ctf=cfg.no_ctf)
+    if len(table) < 2:
+        raise InputError(f"{inp}: at least 2 particles are needed (found {len(table)})")
+    if table.ctf is None and not cfg.no_ctf:
+        raise InputError(f"{inp}: CTF parameters: none in the file (use --no-ctf for CTF-free data)")
+    box = cfg.working_box(int(table.box))
+    if box < 8:
+        raise InputError(f"{inp}: image box {table.box} is too small (working box {box} < 8)")
+    cfg.box = box  # record the effective working box
+    cfg.to_yaml(out / "config.yaml")
+    log.info(f"cryospin abinit: {len(table)} particles from {inp}, input box {table.box}, working box {box}, "
+             f"device {device}, threads {torch.get_num_threads()}")
+    log.info("effective config:\n" + cfg.to_yaml().rstrip())
+    if args.dry_run:
+        log.info("dry run: inputs checked, config written; not running")
+        return 0
+
+    cache = build_cache(table, out, box, invert=cfg.invert, progress=not args.quiet)
+    apix_work = np.asarray(cache.apix, dtype=np.float64)
+    ctf = None if (cfg.no_ctf or table.ctf is None) else {
+        k: torch.tensor(np.array(v, dtype=np.float32)) for k, v in table.ctf.as_dict().items()}
+    engine = AbinitEngine(cache.images, torch.as_tensor(apix_work, dtype=torch.float32), ctf, cfg, device,
+                          progress=not args.quiet)
+    ckpt = out / CHECKPOINT
+    if args.cont:
+        if not ckpt.is_file():
+            raise InputError(f"{ckpt}: --continue: no checkpoint in the output folder")
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            engine.load_state_dict(state)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise InputError(f"{ckpt}: --continue: checkpoint does not match this run ({e})") from None
+        log.info(f"resuming at epoch {engine.epoch + 1} (stage {engine.stage}, batch {engine.batch_pos})")
+
+    stop = {"sig": None}
+
+    def handler(signum, frame):
+        if stop["sig"] is not None:  # second signal: give up at once
+            raise KeyboardInterrupt
+        stop["sig"] = signum
+        log.info(f"received {signal.Signals(signum).name}: finishing the current batch, then checkpointing")
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for s in old:
+            signal.signal(s, handler)
+    except ValueError:  # not the main thread
+        old = {}
+
+    def on_epoch_end(eng) -> None:
+        _save_torch(eng.state_dict(), ckpt)
+        _save_json(eng.history, out / "history.json")
+
+    try:
+        status = engine.run(should_stop=lambda: stop["sig"] is not None, on_epoch_end=on_epoch_end)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if status == "stopped":
+        _save_torch(engine.state_dict(), ckpt)
+        _save_json(engine.history, out / "history.json")
+        code = 143 if stop["sig"] == signal.SIGTERM else 130
+        log.info(f"stopped at epoch {engine.epoch + 1}, batch {engine.batch_pos}; checkpoint written to {ckpt}; "
+                 f"rerun with --continue to resume")
+        return code
+    t_train = time.perf_counter() - t_start
+
+    # -- final outputs ----------------------------------------------------------------------
+    from cryospin_relion.commands.reconstruct import write_fsc
+    from cryospin_relion.evaluate.align import flip_poses_hand, flip_volume_hand
+    from cryospin_relion.io.mrc import write_mrc
+    from cryospin_relion.io.read import write_particles
+    from cryospin_relion.reconstruct import output_apix, reconstruct_halves
+
+    R, t_px = engine.final_poses()
+    decoder = engine.decoder_map().numpy()
+    if cfg.flip_hand:
+        R = flip_poses_hand(R)
+        decoder = flip_volume_hand(decoder)
+    shifts_A = -t_px * apix_work[:, None]  # RELION origin = - content translation * pixel size
+    halves = table.halves(cfg.seed)
+    log.info("backprojecting the two halves with the final poses")
+    hm = reconstruct_halves(cache.images, table, rotations=R, shifts_A=shifts_A, halves=halves,
+                            use_ctf=ctf is not None, device=device, seed=cfg.seed, progress=not args.quiet)
+    apix_out = float(output_apix(table, box, box))
+    res = float(hm.resolution)
+    write_mrc(out / "half1_map.mrc", hm.half1, apix_out)
+    write_mrc(out / "half2_map.mrc", hm.half2, apix_out)
+    write_mrc(out / "map.mrc", lowpass(hm.map, res, apix_out), apix_out)
+    write_mrc(out / "decoder_map.mrc", decoder, apix_out)
+    write_fsc(out / "fsc.txt", hm.fsc, box, apix_out)
+    new = table.with_poses(R, shifts_A, halves)
+    write_particles(new, out / "particles.star")
+    if inp.suffix.lower() == ".cs":
+        write_particles(new, out / "particles.cs")
+    h = engine.history
+    h["final_resolution_A"] = res
+    _save_json(h, out / "history.json")
+    total = time.perf_counter() - t_start
+    log.info(f"half-map FSC 0.143 resolution {res:.2f} A (Nyquist {2 * apix_out:.2f} A; halves share one "
+             f"ab-initio run, so this is optimistic); training {t_train:.0f} s, total {total:.0f} s")
+    summary = {
+        "input": str(inp), "output": str(out), "n_particles": len(table), "box": box, "apix": apix_out,
+        "resolution_A": res, "switch_epoch": h.get("switch_epoch"), "epochs": len(h["epoch"]),
+        "final_loss": h["loss"][-1] if h["loss"] else None, "train_s": t_train, "total_s": total,
+        "device": str(device), "outputs": sorted(p.name for p in out.iterdir() if not p.name.startswith(".")),
+    }
+    try:
+        from cryospin_relion.report import make_report
+    except ImportError:  # report module not installed / not landed
+        make_report = None
+    if make_report is not None:
+        try:
+            make_report(out, fsc=hm.fsc, fsc_resolution_A=res, apix=apix_out, box=box, history=h, rotations=R,
+                        volume=hm.map, summary=summary)
+        except Exception as e:  # the report must never fail the run
+            log.info(f"report not written: {type(e).__name__}: {e}")
+    if args.json_summary:
+        _save_json(summary, Path(args.json_summary))
+    return 0
