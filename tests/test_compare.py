@@ -174,3 +174,22 @@ def test_align_real_ribosome_odd_box(shared_data):
     al = transform_volume(mov, res.rotation, res.shift_px, res.mirror)
     curve = fsc(torch.as_tensor(al), torch.as_tensor(ref)).numpy()
     assert curve[1:29].min() > 0.95
+
+
+def test_compare_resample_smaller_map(tmp_path, truth, capsys):
+    """An ab-initio-like map at a smaller working box (larger pixels) is resampled onto the reference."""
+    from cryospin_relion.evaluate.simulate import resample_volume
+
+    ref = tmp_path / "truth.mrc"
+    write_mrc(ref, truth, APIX)
+    small, got = resample_volume(transform_volume(truth, _rot(4)), APIX, 32, APIX * 1.5)
+    mov = tmp_path / "small.mrc"
+    write_mrc(mov, small, got)
+    assert cli.run(["compare", "--map", str(mov), "--ref", str(ref), "--quiet"]) == 2
+    assert "--resample" in capsys.readouterr().err
+    assert cli.run(["compare", "--map", str(mov), "--ref", str(ref), "--resample", "--json",
+                    str(tmp_path / "c.json"), "--quiet"]) == 0
+    res = json.loads((tmp_path / "c.json").read_text())
+    assert _deg(np.asarray(res["rotation_matrix"]), _rot(4).T) < 1.0 and not res["mirror"]
+    # information only up to the small map's Nyquist (2 * 1.5 * APIX)
+    assert res["fsc_0.5_A"] < 1.15 * 3 * APIX

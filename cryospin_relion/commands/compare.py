@@ -37,6 +37,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poses", default=None, help="estimated poses (.star or .cs) to score against --true-poses")
     p.add_argument("--true-poses", default=None, help="true poses (.star or .cs), e.g. the simulated particles.star")
     p.add_argument("--no-mirror", action="store_true", help="do not try the mirrored hand")
+    p.add_argument("--resample", action="store_true",
+                   help="resample --map onto the grid of --ref (Fourier crop/pad by the header voxel sizes) "
+                        "when their boxes differ, e.g. an ab-initio map at a smaller working box")
     p.add_argument("--o-aligned", default=None, help="write the aligned map here (.mrc)")
     p.add_argument("--json", default=None, help="also write the JSON result to this file")
     p.add_argument("--quiet", action="store_true", help="print nothing (use with --json)")
@@ -101,9 +104,17 @@ def main(args) -> int:
         raise InputError(f"--apix: must be > 0 (got {args.apix})")
     mov, vm = _read_map(args.map)
     ref, vr = _read_map(args.ref)
+    if mov.shape != ref.shape and args.resample:
+        from cryospin_relion.evaluate.simulate import resample_volume
+
+        if not (vm and vr):
+            raise InputError(f"{args.map if not vm else args.ref}: voxel size: unset in the header; "
+                             "--resample needs both voxel sizes")
+        mov, got = resample_volume(mov, vm, ref.shape[-1], vr)
+        vm = vr
     if mov.shape != ref.shape:
         raise InputError(f"{args.map}: nx: box {mov.shape[-1]} differs from the reference {args.ref} "
-                         f"({ref.shape[-1]}); resample one of them first")
+                         f"({ref.shape[-1]}); pass --resample or resample one of them first")
     if args.apix:
         apix = float(args.apix)
     else:
