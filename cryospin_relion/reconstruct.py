@@ -26,7 +26,7 @@ from cryospin_relion.geometry.projection import ctf_params_to_tensors
 from cryospin_relion.geometry.shifts import origin_to_translation
 from cryospin_relion.io.particles import ParticleTable
 
-__all__ = ["HalfMaps", "reconstruct_halves", "output_apix", "resolve_device"]
+__all__ = ["HalfMaps", "reconstruct_halves", "output_apix", "resolve_device", "soft_mask_outside"]
 
 
 class _HasImages(Protocol):
@@ -82,6 +82,36 @@ def output_apix(table: ParticleTable, box: int, image_box: int | None = None) ->
     return float(np.median(apix)) * ref / box
 
 
+def soft_mask_outside(vol: np.ndarray, radius: float | None = None, width: float = 3.0) -> np.ndarray:
+    """Replace the map outside a sphere by its mean there, with a raised-cosine edge.
+
+    What relion_reconstruct (and RELION's refinement) does to every reconstruction
+    to suppress the noise and aliasing in the corners: voxels at distance r from
+    the centre (n // 2) keep their value for r < radius, are blended towards the
+    background value over radius <= r <= radius + width, and set to it beyond;
+    the background value is the mean outside ``radius`` weighted by the blend.
+
+    Args:
+        vol: (n, n, n) map.
+        radius: in voxels, default n / 2.
+        width: edge width in voxels (RELION's default 3).
+    Returns:
+        (n, n, n) float32 masked copy.
+    """
+    n = vol.shape[-1]
+    radius = n / 2.0 if radius is None else float(radius)
+    c = np.arange(n, dtype=np.float64) - n // 2
+    r = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+    blend = np.where(r < radius, 0.0, np.where(r > radius + width, 1.0,
+                                               0.5 + 0.5 * np.cos(np.pi * (radius + width - r) / width)))
+    total = blend.sum()
+    if total == 0:
+        return np.asarray(vol, dtype=np.float32).copy()
+    v = np.asarray(vol, dtype=np.float64)
+    bg = float((blend * v).sum() / total)
+    return ((1.0 - blend) * v + blend * bg).astype(np.float32)
+
+
 def _getter(images: ImageGetter) -> Callable[[np.ndarray], np.ndarray]:
     if hasattr(images, "images"):
         return images.images  # data.stack.ImageSource
@@ -104,6 +134,7 @@ def reconstruct_halves(
     threads: int | None = None,
     pad: int = 2,
     seed: int = 0,
+    mask_outside: bool = True,
     progress: bool = True,
 ) -> HalfMaps:
     """Direct Fourier reconstruction of the two half sets and of all particles.
@@ -126,6 +157,10 @@ def reconstruct_halves(
         device: 'cpu' or 'cuda'.
         threads: CPU threads for the insertion (default torch.get_num_threads()).
         pad: Fourier oversampling of the accumulators (2 as in RELION).
+        seed: seed of the half split when neither ``halves`` nor the table give one.
+        mask_outside: apply ``soft_mask_outside`` (radius n/2, 3 px edge) to every
+            map before the FSC, as relion_reconstruct does; with it our maps agree
+            with relion_reconstruct --ctf to FSC > 0.99 on noisy data.
         progress: show a tqdm progress bar.
     Returns:
         HalfMaps(map, half1, half2, fsc, resolution); voxel size = ``output_apix``.
@@ -180,11 +215,12 @@ def reconstruct_halves(
                               torch.as_tensor(rot[r], dtype=torch.float64), t, ap, params, threads=threads)
             bar.update(len(rows))
 
-    half1 = reconstruct(accs[1], tau)
-    half2 = reconstruct(accs[2], tau)
+    finish = soft_mask_outside if mask_outside else (lambda v: v)
+    half1 = finish(reconstruct(accs[1], tau).cpu().numpy())
+    half2 = finish(reconstruct(accs[2], tau).cpu().numpy())
     accs[1] += accs[2]
     del accs[2]
-    full = reconstruct(accs[1], tau)
-    curve = fsc(half1, half2).numpy()
+    full = finish(reconstruct(accs[1], tau).cpu().numpy())
+    curve = fsc(torch.from_numpy(half1), torch.from_numpy(half2)).numpy()
     res = resolution_at(curve, n, apix_out, 0.143)
-    return HalfMaps(full.cpu().numpy(), half1.cpu().numpy(), half2.cpu().numpy(), curve, float(res))
+    return HalfMaps(full, half1, half2, curve, float(res))
