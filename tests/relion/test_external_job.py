@@ -406,3 +406,40 @@ def test_relion_external_job_abort(relion_project):
     assert read_pipeline(project)[0][job] == 4
     assert not (project / ".relion_lock").exists()
     print(f"abort took {seconds:.1f} s")
+
+
+def _blob(n: int, apix: float) -> np.ndarray:
+    g = (np.mgrid[:n, :n, :n] - n // 2) * apix
+    return np.exp(-((g[0] - 3) ** 2 + g[1] ** 2 + (g[2] + 3) ** 2) / (2 * 4.0 ** 2)).astype(np.float32)
+
+
+def _write_job(d: Path, map_box: int, map_apix: float, part_box: int, part_apix: float) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    for name in ("map.mrc", "half1_map.mrc", "half2_map.mrc"):
+        with mrcfile.new(d / name, overwrite=True) as m:
+            m.set_data(_blob(map_box, map_apix))
+            m.voxel_size = map_apix
+    (d / "particles.star").write_text(
+        "# version 30001\n\ndata_optics\n\nloop_\n_rlnOpticsGroup #1\n_rlnImagePixelSize #2\n_rlnImageSize #3\n"
+        f"1 {part_apix} {part_box}\n\n# version 30001\n\ndata_particles\n\nloop_\n_rlnImageName #1\n"
+        "_rlnOpticsGroup #2\n000001@Data/a.mrcs 1\n")
+
+
+def test_maps_resampled_to_the_particle_box(tmp_path):
+    d = tmp_path / "job"
+    _write_job(d, 8, 4.0, 16, 2.0)
+    names = ej.maps_for_relion(f"{d}/")
+    assert names == {"map": "map_fullbox.mrc", "halfmap": "half1_map_fullbox.mrc"}
+    for name in ("map_fullbox.mrc", "half1_map_fullbox.mrc", "half2_map_fullbox.mrc"):
+        with mrcfile.open(d / name) as m:
+            assert m.data.shape == (16, 16, 16) and abs(float(m.voxel_size.x) - 2.0) < 1e-4
+            v = m.data.astype(np.float64)
+        g = (np.mgrid[:16, :16, :16] - 8) * 2.0
+        com = [(g[k] * v).sum() / v.sum() for k in range(3)]
+        assert np.allclose(com, [3, 0, -3], atol=0.2)  # same place in Angstrom
+        assert np.corrcoef(v.ravel(), _blob(16, 2.0).ravel())[0, 1] > 0.99
+    # already at the particle box: registered as they are
+    d2 = tmp_path / "job2"
+    _write_job(d2, 16, 2.0, 16, 2.0)
+    assert ej.maps_for_relion(f"{d2}/") == {"map": "map.mrc", "halfmap": "half1_map.mrc"}
+    assert not (d2 / "map_fullbox.mrc").exists()
