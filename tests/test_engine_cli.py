@@ -1,0 +1,104 @@
+"""`cryospin abinit`: config precedence, dry run, bad input, outputs, SIGTERM + --continue."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cryospin_relion import cli
+from cryospin_relion.config import AbinitConfig
+from cryospin_relion.errors import InputError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_synth import blob_volume  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def star(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sim")
+    from cryospin_relion.io.mrc import write_mrc
+
+    write_mrc(d / "blob.mrc", blob_volume(16, seed=1).float().numpy(), 6.0)
+    rc = cli.run(["simulate", "--map", str(d / "blob.mrc"), "--o", str(d / "sim"), "--n", "160", "--box", "16",
+                  "--apix", "6", "--snr", "1", "--seed", "2", "--quiet"])
+    assert rc == 0
+    return d / "sim" / "particles.star"
+
+
+def test_config_yaml_roundtrip_and_errors(tmp_path):
+    cfg = AbinitConfig(heads=3, loss="l2", pose_betas=[0.8, 0.9])
+    p = tmp_path / "c.yaml"
+    cfg.to_yaml(p)
+    assert AbinitConfig.from_yaml(p) == cfg
+    p.write_text("heads: 0\n")
+    with pytest.raises(InputError, match="heads"):
+        AbinitConfig.from_yaml(p)
+    p.write_text("no_such_option: 1\n")
+    with pytest.raises(InputError, match="no_such_option"):
+        AbinitConfig.from_yaml(p)
+    with pytest.raises(InputError, match="box"):
+        AbinitConfig().override(box=33)
+
+
+def test_precedence_flags_over_yaml_over_defaults(tmp_path, star):
+    y = tmp_path / "c.yaml"
+    y.write_text("heads: 3\nbatch_size: 40\nloss: l2\n")
+    out = tmp_path / "run"
+    rc = cli.run(["abinit", "--i", str(star), "--o", str(out), "--config", str(y), "--heads", "5", "--dry-run",
+                  "--quiet"])
+    assert rc == 0
+    eff = AbinitConfig.from_yaml(out / "config.yaml")
+    assert (eff.heads, eff.batch_size, eff.loss) == (5, 40, "l2")
+    assert eff.epochs_autodecode == AbinitConfig().epochs_autodecode
+    assert eff.box == 16
+    assert "effective config" in (out / "run.log").read_text()
+
+
+def test_bad_input_exit_2(tmp_path, star, capsys):
+    assert cli.run(["abinit", "--i", str(tmp_path / "none.star"), "--o", str(tmp_path / "o")]) == 2
+    assert cli.run(["abinit", "--i", str(star), "--o", str(tmp_path / "o2"), "--box", "15", "--dry-run"]) == 2
+    assert cli.run(["abinit", "--i", str(star), "--o", str(tmp_path / "o3"), "--continue", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err
+
+
+def test_run_outputs_and_sigterm_continue(tmp_path, star):
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "cryospin_relion.cli", "abinit", "--i", str(star), "--o", str(out), "--quiet",
+            "--heads", "2", "--epochs-amortized", "2", "--epochs-autodecode", "30", "--batch-size", "16", "--j", "1",
+            "--json-summary", str(out / "summary.json")]
+    proc = subprocess.Popen(base, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while not (out / "checkpoint.pt").exists() and time.time() - t0 < 120 and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(60)
+    assert rc == 143, proc.communicate()
+    h = json.loads((out / "history.json").read_text())
+    assert len(h["epoch"]) < 32
+    # resume with fewer stage-2 epochs so the test stays short
+    rc = cli.run(["abinit", "--i", str(star), "--o", str(out), "--continue", "--quiet", "--epochs-autodecode", "1",
+                  "--json-summary", str(out / "summary.json")])
+    assert rc == 0
+    for name in ("half1_map.mrc", "half2_map.mrc", "map.mrc", "decoder_map.mrc", "fsc.txt", "particles.star",
+                 "config.yaml", "run.log", "history.json", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    s = json.loads((out / "summary.json").read_text())
+    assert s["n_particles"] == 160 and s["box"] == 16
+    from cryospin_relion.io.mrc import read_mrc
+    from cryospin_relion.io.read import read_particles
+
+    m, vs = read_mrc(out / "map.mrc")
+    assert m.shape == (16, 16, 16) and vs == pytest.approx(6.0)
+    t = read_particles(out / "particles.star", check_stacks=False)
+    assert len(t) == 160 and set(np.unique(t.subset)) == {1, 2}
+    assert "resuming at epoch" in (out / "run.log").read_text()
