@@ -335,8 +335,9 @@ def relion_test(f):
 
 @relion_test
 def test_relion_external_job_succeeds_and_registers_nodes(relion_project):
+    """Working box 16 < particle box 24: the registered maps are Fourier-padded to 24 px at 5 A/px."""
     project = relion_project
-    job = add_external(project, TINY)
+    job = add_external(project, dict(TINY, box="16"))
     t0 = time.monotonic()
     run_jobs(project, job)
     seconds = time.monotonic() - t0
@@ -344,20 +345,28 @@ def test_relion_external_job_succeeds_and_registers_nodes(relion_project):
     procs, nodes = read_pipeline(project)
     assert procs[job] == 2, f"{STATUS_31.get(procs[job])}; run.err:\n{(d / 'run.err').read_text()}"
     assert (d / EXIT_SUCCESS).exists()
-    assert {k: v for k, v in nodes.items() if k.startswith(job)} == {
-        f"{job}particles.star": 3, f"{job}map.mrc": 6, f"{job}half1_map.mrc": 10, f"{job}logfile.pdf": 13}
-    for name, kind in (("particles.star", 3), ("map.mrc", 6), ("half1_map.mrc", 10), ("logfile.pdf", 13)):
+    registered = {"particles.star": 3, "map_fullbox.mrc": 6, "half1_map_fullbox.mrc": 10, "logfile.pdf": 13}
+    assert {k: v for k, v in nodes.items() if k.startswith(job)} == {job + k: v for k, v in registered.items()}
+    for name, kind in registered.items():
         assert (project / ".Nodes" / str(kind) / job / name).exists()
     # the command RELION ran, and the GUI parameters arriving at abinit
     note = (d / "note.txt").read_text()
     assert f"{ej.PROG} --o {job} --in_parts Import/job001/particles.star" in note
     out = (d / "run.out").read_text()
-    assert "--epochs-amortized 1" in out and "--box 24" in out and "--j 2" in out
-    for f in ("map.mrc", "half1_map.mrc", "half2_map.mrc", "particles.star", "logfile.pdf"):
+    assert "--epochs-amortized 1" in out and "--box 16" in out and "--j 2" in out
+    for f in ("map.mrc", "half1_map.mrc", "half2_map.mrc", "half2_map_fullbox.mrc", "particles.star",
+              "logfile.pdf"):
         assert (d / f).is_file(), f
+    # abinit's maps are at the working box; the registered ones match the particles' optics group
+    with mrcfile.open(d / "map.mrc", header_only=True) as m:
+        assert int(m.header.nx) == 16 and abs(float(m.voxel_size.x) - APIX * BOX / 16) < 1e-3
+    for f in ("map_fullbox.mrc", "half1_map_fullbox.mrc", "half2_map_fullbox.mrc"):
+        with mrcfile.open(d / f, header_only=True) as m:
+            assert (int(m.header.nx), int(m.header.nz)) == (BOX, BOX) and abs(float(m.voxel_size.x) - APIX) < 1e-3
+    assert ej.particle_optics(d / "particles.star") == (BOX, APIX)
     # image names stay project-relative
-    text = (d / "particles.star").read_text()
-    assert "@Data/particles.mrcs" in text
+    assert "@Data/particles.mrcs" in (d / "particles.star").read_text()
+    assert "error" not in (d / "run.err").read_text().lower()
     print(f"External job {job}: {seconds:.1f} s")
 
 
