@@ -244,10 +244,26 @@ def register_outputs(outdir: str) -> list[tuple[str, str]]:
             _say(f"warning: {path} was not written; not registered as an output node")
     if missing:
         raise JobFailed(f"cryospin abinit finished but did not write {', '.join(missing)} in {outdir}")
+    rel = [(_project_relative(p), kind) for p, kind in nodes]
+    if any(p is None for p, _ in rel):
+        _say(f"warning: {outdir} is not a folder inside the current (project) folder without spaces; "
+             f"{OUTPUT_NODES} not written")
+        return nodes
     version = pipeline_version(".")
-    write_output_nodes(outdir, nodes, version)
+    write_output_nodes(outdir, rel, version)
     _say(f"registered {len(nodes)} output nodes for RELION {version} in {outdir}{OUTPUT_NODES}")
     return nodes
+
+
+def _project_relative(path: str) -> str | None:
+    """``path`` relative to the current folder (RELION's node names), or None when outside it / with spaces."""
+    if os.path.isabs(path):
+        rel = os.path.relpath(path, os.getcwd())
+        if rel.startswith(".."):
+            return None
+        path = rel
+    path = os.path.normpath(path)
+    return None if path.startswith("..") or any(c.isspace() for c in path) else path
 
 
 def _find_outdir(argv: Sequence[str]) -> str | None:

@@ -452,3 +452,22 @@ def test_maps_resampled_to_the_particle_box(tmp_path):
     _write_job(d2, 16, 2.0, 16, 2.0)
     assert ej.maps_for_relion(f"{d2}/") == {"map": "map.mrc", "halfmap": "half1_map.mrc"}
     assert not (d2 / "map_fullbox.mrc").exists()
+
+
+def test_absolute_output_folder_gives_relative_node_names(project):
+    job = project / "External/job002"
+    argv = ["--o", f"{job}/", "--in_parts", str(project / "parts.star"), "--heads", "3", "--j", "1"]
+    assert ej.run_job(argv, base_command=[sys.executable, "child.py"], known_options=KNOWN, poll=0.1) == 0
+    names = [r[0] for r in read_output_nodes(job / "RELION_OUTPUT_NODES.star")]
+    assert "External/job002/map.mrc" in names and all(not n.startswith("/") for n in names)
+
+
+def test_relion5_project_gets_relion5_labels(project):
+    (project / "default_pipeline.star").write_text("# version 50001\n\ndata_pipeline_general\n\n"
+                                                   "_rlnPipeLineJobCounter 2\n")
+    assert _run(3) == 0
+    p = project / "External/job002/RELION_OUTPUT_NODES.star"
+    assert "# version 50001" in p.read_text()
+    labels = {r[0].split("/")[-1]: (r[1], r[2]) for r in read_output_nodes(p)}
+    assert labels["particles.star"] == (3, "ParticleGroupMetadata.star.relion")
+    assert labels["half1_map.mrc"] == (10, "DensityMap.mrc.halfmap")
