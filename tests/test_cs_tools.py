@@ -476,11 +476,12 @@ def make_fake_server(input_ds, project_dir, template):
     return fake, job, calls
 
 
-def _run_fake(empiar, shared_data, tmp_path, monkeypatch, extra=()):
-    script = tmp_path / "fake_abinit.py"
-    script.write_text(FAKE_ABINIT)
-    monkeypatch.setattr(convert, "abinit_command",
-                        lambda i, o, more=(): [sys.executable, str(script), "--i", str(i), "--o", str(o), *more])
+def _run_fake(empiar, shared_data, tmp_path, monkeypatch, extra=(), real_abinit=False):
+    if not real_abinit:
+        script = tmp_path / "fake_abinit.py"
+        script.write_text(FAKE_ABINIT)
+        monkeypatch.setattr(convert, "abinit_command",
+                            lambda i, o, more=(): [sys.executable, str(script), "--i", str(i), "--o", str(o), *more])
     ds = Dataset.load(empiar)
     template = [d for d in Dataset.load(shared_data / "cryosparc-tools" / "4k_dataset.cs").descr()
                 if d[0].startswith("alignments3D/")]
@@ -510,6 +511,32 @@ def test_run_job_with_stand_in_server(empiar, shared_data, tmp_path, monkeypatch
     assert any("--box 8" in t for _, t in job.logs) and any(lv == "warning" and "lane" in t for lv, t in job.logs)
     local = Dataset.load(tmp_path / "work" / "particles_with_poses.cs")
     assert set(ds.fields()) <= set(local.fields())
+
+
+@pytest.mark.slow
+def test_run_job_with_real_abinit_and_stand_in_server(empiar, shared_data, tmp_path, monkeypatch):
+    if not _cli_has("abinit"):
+        pytest.skip("cryospin abinit not available yet")
+    fake, job, calls, args, unknown, ds = _run_fake(
+        empiar, shared_data, tmp_path, monkeypatch, real_abinit=True,
+        extra=["--heads", "2", "--epochs-amortized", "1", "--epochs-autodecode", "1", "--seed", "0", "--quiet"])
+    assert ej.run_job(args, unknown, server=fake, environ={}) == 0, job.logs[-5:]
+    assert job.state == "completed"
+    vol = job.saved["volume"]
+    n = int(vol["map/shape"][0][-1])
+    assert n == 8 and float(vol["map/psize_A"][0]) == pytest.approx(1.31 * 320 / n, rel=2e-3)
+    parts = job.saved["particles"]
+    assert _same(parts["uid"], ds["uid"])
+    A = cryosparc_pose_to_relion(parts["alignments3D/pose"].astype(np.float64))
+    assert np.allclose(np.einsum("nij,nkj->nik", A, A), np.eye(3), atol=1e-5)
+    assert set(np.unique(parts["alignments3D/split"]).tolist()) <= {0, 1}
+    # the uploaded maps are the abinit maps, with the voxel size in their headers
+    import mrcfile
+
+    local = tmp_path / "work" / "abinit" / "map.mrc"
+    assert job.uploads["cryospin_map.mrc"] == local.read_bytes()
+    with mrcfile.open(local, permissive=True) as m:
+        assert float(m.voxel_size.x) == pytest.approx(float(vol["map/psize_A"][0]), rel=1e-5)
 
 
 def test_run_job_failure_marks_job_failed(empiar, shared_data, tmp_path, monkeypatch, capsys):
