@@ -40,6 +40,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resample", action="store_true",
                    help="resample --map onto the grid of --ref (Fourier crop/pad by the header voxel sizes) "
                         "when their boxes differ, e.g. an ab-initio map at a smaller working box")
+    p.add_argument("--rotations", type=int, default=4608,
+                   help="rotations in the global search (default 4608, ~9 degrees apart)")
     p.add_argument("--o-aligned", default=None, help="write the aligned map here (.mrc)")
     p.add_argument("--json", default=None, help="also write the JSON result to this file")
     p.add_argument("--quiet", action="store_true", help="print nothing (use with --json)")
@@ -100,6 +102,8 @@ def main(args) -> int:
     t0 = time.perf_counter()
     if (args.poses is None) != (args.true_poses is None):
         raise InputError("--poses/--true-poses: give both or neither")
+    if args.rotations < 100:
+        raise InputError(f"--rotations: need at least 100 (got {args.rotations})")
     if args.apix is not None and not args.apix > 0:
         raise InputError(f"--apix: must be > 0 (got {args.apix})")
     mov, vm = _read_map(args.map)
@@ -126,7 +130,7 @@ def main(args) -> int:
             raise InputError(f"{args.map}: voxel size: unset in both map headers; pass --apix")
     pose_result = compare_poses(args.poses, args.true_poses) if args.poses else None
 
-    res = align_maps(mov, ref, try_mirror=not args.no_mirror)
+    res = align_maps(mov, ref, n_rotations=args.rotations, try_mirror=not args.no_mirror)
     aligned = transform_volume(mov, res.rotation, res.shift_px, res.mirror)
     n = ref.shape[-1]
     curve = fsc(torch.as_tensor(aligned), torch.as_tensor(ref)).numpy()
