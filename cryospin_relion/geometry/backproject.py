@@ -384,7 +384,9 @@ def insert_images(
         apix: (B,) pixel size in A (for the CTF).
         ctf_params: dict of (B,) tensors for ``ctf.ctf_from_freqs``, or None (no CTF).
         threads: CPU worker threads the batch is split over (default
-            torch.get_num_threads()); the sums do not depend on it beyond float rounding.
+            torch.get_num_threads()); the sums do not depend on it beyond float
+            rounding. While inserting, torch's intra-op threads are set to 1 (and
+            restored afterwards): the workers are the parallelism.
         pad_images: zero-pad each image to D in real space and insert all D^2/2
             samples of its oversampled transform; default (False) inserts the
             image's own n^2/2 samples at pad-scaled positions, as RELION does.
@@ -404,7 +406,14 @@ def insert_images(
     if ctf_params is not None:
         ctf_params = {k: (None if v is None else torch.as_tensor(v, device=device).reshape(-1).expand(B))
                       for k, v in ctf_params.items()}
-    step = max(1, _POINTS_PER_STEP // (8 * P))
+    if threads is None:
+        threads = torch.get_num_threads() if device.type == "cpu" else 1
+    threads = max(1, int(threads)) if device.type == "cpu" else 1
+    # float32 staging pays off once a worker's images touch >= 1/8 as many points as the grid holds
+    per_worker = max(1, -(-(D**3) // (64 * P)))  # images
+    staged = B >= per_worker
+    workers = max(1, min(threads, B // per_worker)) if staged else 1
+    step = max(1, min(_POINTS_PER_STEP // (8 * P), -(-B // workers)))
     chunks = [slice(a, min(a + step, B)) for a in range(0, B, step)]
 
     def run(sl: slice, targets, staged: bool) -> None:
@@ -414,16 +423,6 @@ def insert_images(
             targets, staged,
         )
 
-    # float32 staging pays off once the batch scatters more points than the grid holds
-    staged = 8 * P * B >= D**3
-    if not staged:
-        for sl in chunks:
-            run(sl, (acc.num.view(-1), acc.weight), False)
-        return
-    if threads is None:
-        threads = torch.get_num_threads() if device.type == "cpu" else 1
-    workers = max(1, min(int(threads), len(chunks), -(-8 * P * B // D**3)))
-
     size = math.prod(_staging_shape(D))
 
     def work(my_chunks: list[slice]) -> Tensor:
@@ -432,14 +431,27 @@ def insert_images(
             run(sl, (grids[0], grids[1], grids[2]), True)
         return grids
 
-    if workers == 1:
-        parts = [work(chunks)]
-    else:
-        ex = _executor(workers)
-        futures = [ex.submit(work, chunks[w::workers]) for w in range(workers)]
-        parts = [f.result() for f in futures]
-    for g in parts:
-        _fold_staging(acc, g)
+    # Parallelism comes from the workers alone: torch's own intra-op threads would
+    # compete with them, and spin-waiting intra-op threads are very slow on busy CPUs.
+    prev = torch.get_num_threads()
+    if device.type == "cpu" and prev != 1:
+        torch.set_num_threads(1)
+    try:
+        if not staged:
+            for sl in chunks:
+                run(sl, (acc.num.view(-1), acc.weight), False)
+            return
+        if workers == 1:
+            parts = [work(chunks)]
+        else:
+            ex = _executor(workers)
+            futures = [ex.submit(work, chunks[w::workers]) for w in range(workers)]
+            parts = [f.result() for f in futures]
+        for g in parts:
+            _fold_staging(acc, g)
+    finally:
+        if torch.get_num_threads() != prev:
+            torch.set_num_threads(prev)
 
 
 def _flip3(x: Tensor) -> Tensor:
