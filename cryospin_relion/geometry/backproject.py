@@ -36,7 +36,6 @@ import torch
 from torch import Tensor
 
 from cryospin_relion.geometry.ctf import electron_wavelength
-from cryospin_relion.geometry.fourier import ifft3_centered
 from cryospin_relion.geometry.slicing import sinc2_window_3d
 
 # points (x 8 trilinear corners) handled per step; bounds the temporaries to ~100 MB
@@ -467,6 +466,31 @@ def accumulator_spectra(acc: Accumulator) -> tuple[Tensor, Tensor]:
     return num + _flip3(num).conj(), w + _flip3(w)
 
 
+def _half_spectra(acc: Accumulator) -> tuple[Tensor, Tensor, Tensor]:
+    """Friedel-completed numerator and weight on the half space kx = 0 .. D/2 only.
+
+    Returns:
+        num: (D, D, D/2 + 1) complex, z and y centred (index i <-> k = i - D/2), x = kx;
+        weight: (D, D, D/2 + 1) real, same layout;
+        mult: (D/2 + 1,) how often each kx plane occurs in the full centred grid
+            (2 for 0 < kx < D/2, else 1), for means over the full grid.
+    """
+    D = acc.size
+    h = D // 2
+    dev = acc.num.device
+    num = torch.view_as_complex(acc.num.view(D, D, D, 2))
+    w = acc.weight.view(D, D, D)
+    xs = torch.cat([torch.arange(h, D, device=dev), torch.zeros(1, dtype=torch.long, device=dev)])  # kx = 0..h
+    xm = torch.remainder(D - xs, D)  # index of -kx
+    zy = torch.remainder(D - torch.arange(D, device=dev), D)  # index of -k along z and y
+    n_half = num[:, :, xs]
+    w_half = w[:, :, xs]
+    mirror = (zy[:, None, None], zy[None, :, None], xm[None, None, :])
+    mult = torch.full((h + 1,), 2.0, dtype=w.dtype, device=dev)
+    mult[0] = mult[h] = 1.0
+    return n_half + num[mirror].conj(), w_half + w[mirror], mult
+
+
 def reconstruct(acc: Accumulator, tau: float = 1e-3) -> Tensor:
     """Real-space map (n, n, n) from an accumulator.
 
@@ -478,12 +502,16 @@ def reconstruct(acc: Accumulator, tau: float = 1e-3) -> Tensor:
         (n, n, n) float32 map, MRC order (z, y, x), centre at n // 2.
     """
     D, n = acc.size, acc.box
-    num, w = accumulator_spectra(acc)
-    r = torch.arange(D, device=w.device, dtype=w.dtype) - D // 2
-    inside = (r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2) <= (D // 2) ** 2
-    t = tau * w[inside].mean().clamp_min(1e-30)
+    h = D // 2
+    num, w, mult = _half_spectra(acc)  # the spectrum is Hermitian: the kx >= 0 half determines the map
+    r = torch.arange(D, device=w.device, dtype=w.dtype) - h
+    kx = torch.arange(h + 1, device=w.device, dtype=w.dtype)
+    inside = (r[:, None, None] ** 2 + r[None, :, None] ** 2 + kx[None, None, :] ** 2) <= h**2
+    cnt = (inside * mult).sum()
+    t = tau * ((w * inside * mult).sum() / cnt.clamp_min(1)).clamp_min(1e-30)
     spec = torch.where(inside, num / (w + t), torch.zeros_like(num))
-    vol = ifft3_centered(spec).real
-    a = D // 2 - n // 2
+    vol = torch.fft.irfftn(torch.fft.ifftshift(spec, dim=(0, 1)), s=(D, D, D), dim=(0, 1, 2))
+    vol = torch.fft.fftshift(vol)
+    a = h - n // 2
     vol = vol[a : a + n, a : a + n, a : a + n]
     return (vol / sinc2_window_3d(n, D, vol.device, vol.dtype)).to(torch.float32)
