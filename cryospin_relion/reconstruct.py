@@ -129,7 +129,7 @@ def reconstruct_halves(
     halves: np.ndarray | None = None,
     use_ctf: bool = True,
     tau: float = 1e-3,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     device: str | torch.device = "cpu",
     threads: int | None = None,
     pad: int = 2,
@@ -153,7 +153,8 @@ def reconstruct_halves(
             rlnRandomSubset, else a seeded balanced split).
         use_ctf: correct for the table's CTF (ignored when table.ctf is None).
         tau: Wiener constant relative to the mean weight (``backproject.reconstruct``).
-        batch_size: images read and inserted at a time.
+        batch_size: images read and inserted at a time (default: ~32 M pixels' worth,
+            e.g. 8192 at box 64, 512 at box 256).
         device: 'cpu' or 'cuda'.
         threads: CPU threads for the insertion (default torch.get_num_threads()).
         pad: Fourier oversampling of the accumulators (2 as in RELION).
@@ -190,6 +191,8 @@ def reconstruct_halves(
     apix_all = np.asarray(table.apix, dtype=np.float64) * (table.box or m) / m * scale  # (N,) at box n
     ctf = table.ctf if (use_ctf and table.ctf is not None) else None
 
+    if batch_size is None:
+        batch_size = int(min(8192, max(64, (1 << 25) // (m * m))))
     accs = {1: Accumulator.zeros(n, pad, device=dev), 2: Accumulator.zeros(n, pad, device=dev)}
     from tqdm import tqdm
 

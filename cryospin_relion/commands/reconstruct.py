@@ -47,7 +47,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ctf", dest="no_ctf", action="store_true", help="no CTF correction (and none required)")
     parser.add_argument("--tau", type=float, default=1e-3,
                         help="Wiener constant, relative to the mean CTF^2 weight (default 1e-3)")
-    parser.add_argument("--batch", type=int, default=512, help="images per batch (default 512)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="images read at a time (default: 32 M pixels' worth, 8192 at box 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random half split when the input has none")
     parser.add_argument("--no-outside-mask", dest="outside_mask", action="store_false",
                         help="do not flatten the maps outside a sphere of diameter = box (relion_reconstruct does)")
@@ -84,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"--j {args.j}: must be at least 1")
     if not args.tau > 0:
         raise InputError(f"--tau {args.tau}: must be > 0")
-    if args.batch < 1:
+    if args.batch is not None and args.batch < 1:
         raise InputError(f"--batch {args.batch}: must be at least 1")
     device = resolve_device(args.device)
     out = Path(args.o)
