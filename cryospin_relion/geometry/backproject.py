@@ -467,28 +467,31 @@ def accumulator_spectra(acc: Accumulator) -> tuple[Tensor, Tensor]:
 
 
 def _half_spectra(acc: Accumulator) -> tuple[Tensor, Tensor, Tensor]:
-    """Friedel-completed numerator and weight on the half space kx = 0 .. D/2 only.
+    """Friedel-completed numerator and weight on the half space kx = 0 .. D/2 only,
+    in FFT order (ready for irfftn; no shifts needed).
 
     Returns:
-        num: (D, D, D/2 + 1) complex, z and y centred (index i <-> k = i - D/2), x = kx;
+        num: (D, D, D/2 + 1) complex; z and y in FFT order (index j <-> k = j for
+            j < D/2, else j - D), x = kx;
         weight: (D, D, D/2 + 1) real, same layout;
-        mult: (D/2 + 1,) how often each kx plane occurs in the full centred grid
-            (2 for 0 < kx < D/2, else 1), for means over the full grid.
+        k2: (D, D, D/2 + 1) squared frequency radius |k|^2 in grid units.
     """
     D = acc.size
     h = D // 2
     dev = acc.num.device
     num = torch.view_as_complex(acc.num.view(D, D, D, 2))
     w = acc.weight.view(D, D, D)
-    xs = torch.cat([torch.arange(h, D, device=dev), torch.zeros(1, dtype=torch.long, device=dev)])  # kx = 0..h
-    xm = torch.remainder(D - xs, D)  # index of -kx
-    zy = torch.remainder(D - torch.arange(D, device=dev), D)  # index of -k along z and y
-    n_half = num[:, :, xs]
-    w_half = w[:, :, xs]
-    mirror = (zy[:, None, None], zy[None, :, None], xm[None, None, :])
-    mult = torch.full((h + 1,), 2.0, dtype=w.dtype, device=dev)
-    mult[0] = mult[h] = 1.0
-    return n_half + num[mirror].conj(), w_half + w[mirror], mult
+    j = torch.arange(D, device=dev)
+    zy = torch.remainder(j + h, D)  # centred index of the FFT-order index j
+    zy_m = torch.remainder(h - j, D)  # centred index of -k
+    kx = torch.arange(h + 1, device=dev)
+    xs = torch.remainder(kx + h, D)  # kx = 0..h (h is stored at index 0, as -h)
+    xs_m = torch.remainder(h - kx, D)
+    direct = (zy[:, None, None], zy[None, :, None], xs[None, None, :])
+    mirror = (zy_m[:, None, None], zy_m[None, :, None], xs_m[None, None, :])
+    kf = torch.where(j < h, j, j - D).to(w.dtype)
+    k2 = kf[:, None, None] ** 2 + kf[None, :, None] ** 2 + kx.to(w.dtype)[None, None, :] ** 2
+    return num[direct] + num[mirror].conj(), w[direct] + w[mirror], k2
 
 
 def reconstruct(acc: Accumulator, tau: float = 1e-3) -> Tensor:
@@ -503,15 +506,14 @@ def reconstruct(acc: Accumulator, tau: float = 1e-3) -> Tensor:
     """
     D, n = acc.size, acc.box
     h = D // 2
-    num, w, mult = _half_spectra(acc)  # the spectrum is Hermitian: the kx >= 0 half determines the map
-    r = torch.arange(D, device=w.device, dtype=w.dtype) - h
-    kx = torch.arange(h + 1, device=w.device, dtype=w.dtype)
-    inside = (r[:, None, None] ** 2 + r[None, :, None] ** 2 + kx[None, None, :] ** 2) <= h**2
+    num, w, k2 = _half_spectra(acc)  # the spectrum is Hermitian: the kx >= 0 half determines the map
+    inside = k2 <= h**2
+    mult = torch.full((h + 1,), 2.0, dtype=w.dtype, device=w.device)  # kx planes 1..h-1 stand for two
+    mult[0] = mult[h] = 1.0
     cnt = (inside * mult).sum()
     t = tau * ((w * inside * mult).sum() / cnt.clamp_min(1)).clamp_min(1e-30)
     spec = torch.where(inside, num / (w + t), torch.zeros_like(num))
-    vol = torch.fft.irfftn(torch.fft.ifftshift(spec, dim=(0, 1)), s=(D, D, D), dim=(0, 1, 2))
-    vol = torch.fft.fftshift(vol)
-    a = h - n // 2
-    vol = vol[a : a + n, a : a + n, a : a + n]
+    vol = torch.fft.irfftn(spec, s=(D, D, D), dim=(0, 1, 2))  # origin at index 0
+    c = torch.remainder(torch.arange(n, device=vol.device) - n // 2, D)  # the box around the origin
+    vol = vol[c[:, None, None], c[None, :, None], c[None, None, :]]
     return (vol / sinc2_window_3d(n, D, vol.device, vol.dtype)).to(torch.float32)
