@@ -76,7 +76,12 @@ def main() -> None:
         rows_cfg += [("paper encoder", AbinitConfig(preset="paper")),
                      ("loss l2", AbinitConfig(loss="l2")),
                      ("no coarse-to-fine", AbinitConfig(coarse_to_fine=False))]
-    rows = [run_row(n, d, c) for n, c in rows_cfg]
+    rows = []
+    for n, c in rows_cfg:
+        rows.append(run_row(n, d, c))
+        r = rows[-1]
+        print(f"[{r['name']}] wall {r['wall_s']:.1f} s, FSC0.5 {r['res05']:.2f} A, median error "
+              f"{r['median_deg']:.1f} deg", flush=True)
     truth = backproject_fsc(d["images"], d["R"], d["t"], d["apix"], d["ctf"], d["vol"].double())
     print(f"\nN={a.n} box={a.box} apix={d['apix']:.2f} snr={a.snr} threads={a.j}; Nyquist {nyq:.2f} A; "
           f"FSC0.5 with the true poses {truth['res05']:.2f} A")
