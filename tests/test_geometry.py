@@ -12,12 +12,12 @@ from scipy.spatial.transform import Rotation
 from cryospin_relion.geometry import backproject as bp
 from cryospin_relion.geometry.ctf import ctf_2d, ctf_from_freqs
 from cryospin_relion.geometry.fourier import (
-    fft2_centered, fft3_centered, fft_to_hartley, fourier_crop_2d, ht2_centered, ifft2_centered,
+    fft2_centered, fft_to_hartley, fourier_crop_2d, ht2_centered, ifft2_centered,
 )
 from cryospin_relion.geometry.fsc import fsc, resolution_at
 from cryospin_relion.geometry.projection import project_spectrum
 from cryospin_relion.geometry.rotations import (
-    cryosparc_pose_to_relion, euler_to_matrix, euler_to_matrix_np, matrix_to_euler, random_rotations,
+    cryosparc_pose_to_relion, euler_to_matrix_np, matrix_to_euler, random_rotations,
     relion_to_cryosparc_pose, sixd_to_matrix, so3_exp, so3_log,
 )
 from cryospin_relion.geometry.shifts import hartley_shift, origin_to_translation, phase_ramp

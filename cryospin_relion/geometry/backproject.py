@@ -38,9 +38,10 @@ from torch import Tensor
 from cryospin_relion.geometry.ctf import electron_wavelength
 from cryospin_relion.geometry.slicing import sinc2_window_3d
 
+# default of insert_images(pad_images=...): False = RELION's way (see the module docstring)
+PAD_IMAGES = False
 # points (x 8 trilinear corners) handled per step; bounds the temporaries to ~100 MB
 _POINTS_PER_STEP = 1 << 22
-PAD_IMAGES = False
 # points per trilinear-splat group on CPU: keeps its ~10 float32 temporaries within L2
 _SPLAT_POINTS = 1 << 15
 
@@ -120,16 +121,6 @@ def _plane(m: int, D: int, device: torch.device) -> _Plane:
     k = torch.stack([kxk, kyk])
     return _Plane(m, sel.to(device), k.to(**f32), (k * scale).to(**f32), r2k.to(**f32), cos2t.to(**f32),
                   sin2t.to(**f32), half.to(**f32), int(inner.sum()))
-
-
-def _rfft_padded(images: Tensor, D: int) -> Tensor:
-    """(B, n, n) real -> (B, D, D//2+1) rfft2 of the centred zero-padded image, rows centred (ky)."""
-    B, n = images.shape[0], images.shape[-1]
-    pad = images.new_zeros(B, D, D)
-    a = D // 2 - n // 2
-    pad[:, a : a + n, a : a + n] = images
-    ft = torch.fft.rfft2(torch.fft.ifftshift(pad, dim=(-2, -1)))
-    return torch.fft.fftshift(ft, dim=-2)
 
 
 def _rfft_padded_unshifted(images: Tensor, D: int) -> Tensor:
