@@ -8,20 +8,23 @@ poses with origins and CTFs, projects it with relion_project --ctf into a
 temporary folder, then times, as wall-clock time of the whole program (start-up,
 reading, insertion, inversion, writing):
 
-- cryospin reconstruct --j J (CTF-corrected; writes half1, half2, full map, FSC),
+- cryospin reconstruct --j 1 and --j J (CTF-corrected; writes half1, half2, full map, FSC),
 - relion_reconstruct --ctf (full map only; it has no thread option),
 - mpirun -n J relion_reconstruct_mpi --ctf (full map),
 - relion_reconstruct --ctf three times (--subset 1, --subset 2, all), which
   is what it takes RELION to give the outputs of one cryospin run.
 
-Prints a table with images/s and the ratio to relion_reconstruct, and the FSC
-between the two full maps as a sanity check. Needs RELION on PATH.
+Prints a table with wall and CPU seconds, images/s and the speed relative to
+relion_reconstruct, and the FSC between the two full maps as a sanity check.
+On a shared machine compare CPU seconds too: wall times then depend on the load.
+Needs RELION on PATH.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -73,18 +76,24 @@ def make_dataset(d: Path, n_img: int, box: int, apix: float, seed: int = 0) -> P
     return d / "proj.star"
 
 
-def run(args: list[str], cwd: Path, env: dict | None = None) -> float:
-    """Wall-clock seconds of one program run (output discarded); exits on failure."""
-    t0 = time.perf_counter()
+def _child_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run(args: list[str], cwd: Path, env: dict | None = None) -> tuple[float, float]:
+    """(wall-clock s, CPU s of the program and its children) of one run (output discarded); exits on failure."""
+    c0, t0 = _child_cpu(), time.perf_counter()
     p = subprocess.run(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    dt = time.perf_counter() - t0
+    dt, dc = time.perf_counter() - t0, _child_cpu() - c0
     if p.returncode != 0:
         sys.exit(f"{' '.join(args)} failed (exit {p.returncode}):\n{p.stdout[-2000:]}")
-    return dt
+    return dt, dc
 
 
-def best_of(repeat: int, fn) -> float:
-    return min(fn() for _ in range(repeat))
+def best_of(repeat: int, fn) -> tuple[float, float]:
+    """The run with the shortest wall time: (wall s, CPU s)."""
+    return min((fn() for _ in range(repeat)), key=lambda r: r[0])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,9 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ, OMP_NUM_THREADS=str(args.j), OMPI_ALLOW_RUN_AS_ROOT="1",
                    OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
         rows = []
-        t = best_of(args.repeat, lambda: run(cry_cmd + ["reconstruct", "--i", star.name, "--o", "cryospin",
-                                                        "--j", str(args.j), "--quiet"], work, env))
-        rows.append((f"cryospin reconstruct --j {args.j} (half1+half2+full+FSC)", t))
+        for j in sorted({1, args.j}):
+            t = best_of(args.repeat, lambda: run(cry_cmd + ["reconstruct", "--i", star.name, "--o", "cryospin",
+                                                            "--j", str(j), "--quiet"], work, env))
+            rows.append((f"cryospin reconstruct --j {j} (half1+half2+full+FSC)", t))
         t_rel = best_of(args.repeat, lambda: run(["relion_reconstruct", "--i", star.name, "--o", "relion.mrc", "--ctf"],
                                                  work, env))
         rows.append(("relion_reconstruct --ctf (full map, 1 thread)", t_rel))
@@ -122,15 +132,18 @@ def main(argv: list[str] | None = None) -> int:
                                                   star.name, "--o", "relion_mpi.mrc", "--ctf"], work, env))
             rows.append((f"mpirun -n {args.j} relion_reconstruct_mpi --ctf (full map)", t))
 
-        def relion_three() -> float:
-            return sum(run(["relion_reconstruct", "--i", star.name, "--o", f"relion_{s}.mrc", "--ctf"]
-                           + (["--subset", s] if s != "all" else []), work, env) for s in ("1", "2", "all"))
+        def relion_three() -> tuple[float, float]:
+            runs = [run(["relion_reconstruct", "--i", star.name, "--o", f"relion_{s}.mrc", "--ctf"]
+                        + (["--subset", s] if s != "all" else []), work, env) for s in ("1", "2", "all")]
+            return sum(r[0] for r in runs), sum(r[1] for r in runs)
 
         rows.append(("relion_reconstruct --ctf x3 (half1, half2, full)", best_of(args.repeat, relion_three)))
 
-        print(f"\n{'program':58s} {'wall s':>8s} {'images/s':>9s} {'vs relion_reconstruct':>22s}")
-        for name, t in rows:
-            print(f"{name:58s} {t:8.2f} {args.n / t:9.0f} {t_rel / t:21.2f}x")
+        print(f"\n{'program':58s} {'wall s':>7s} {'CPU s':>6s} {'images/s':>9s} {'speed vs relion_reconstruct':>28s}")
+        for name, (t, c) in rows:
+            print(f"{name:58s} {t:7.2f} {c:6.2f} {args.n / t:9.0f} {t_rel[0] / t:27.2f}x")
+        print(f"(wall-clock times, best of {args.repeat}; load average now "
+              f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs)")
         ours, _ = read_mrc(work / "cryospin" / "map.mrc")
         rel, _ = read_mrc(work / "relion.mrc")
         c = fsc(torch.as_tensor(ours), torch.as_tensor(rel)).numpy()
