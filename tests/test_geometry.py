@@ -252,9 +252,8 @@ def _projections(vol: torch.Tensor, N: int, seed: int, ctf: bool):
     return imgs, R, t, apix, p
 
 
-@pytest.mark.parametrize("ctf", [False, True], ids=["noctf", "ctf"])
-def test_backprojection_recovers_map_from_noiseless_projections(ctf):
-    n = 32
+@pytest.mark.parametrize("n, ctf", [(32, False), (32, True), (33, True)], ids=["32-noctf", "32-ctf", "33-ctf"])
+def test_backprojection_recovers_map_from_noiseless_projections(n, ctf):
     vol = atoms(n)
     imgs, R, t, apix, p = _projections(vol, 1500, 10, ctf)
     acc = bp.Accumulator.zeros(n)
