@@ -346,7 +346,7 @@ def align_maps(
     coarse_box: int | None = None,
     medium_box: int | None = None,
     try_mirror: bool = True,
-    top_k: int = 3,
+    top_k: int = 2,
     seed_rotations: np.ndarray | None = None,
 ) -> AlignResult:
     """Find (R, t, mirror) so that transform_volume(mov, R, t, mirror) best matches ``ref``.
@@ -393,12 +393,12 @@ def align_maps(
                 break
         for i in picked:
             top.append({"mirror": hand, "score": float(sc[i])})
-            R, s, t = _local_search(medium, rots[i], hand, step_deg=spacing / 2, min_step_deg=0.5, t0=sh[i])
+            R, s, t = _local_search(medium, rots[i], hand, step_deg=spacing / 2, min_step_deg=1.0, t0=sh[i])
             cands.append((s, hand, R, t))
     cands.sort(key=lambda c: -c[0])
     s_med, hand, R, t = cands[0]
     other = max((c[0] for c in cands if c[1] != hand), default=float("nan"))
-    R, s, t = _local_search(full, R, hand, step_deg=0.5, min_step_deg=0.02, t0=t, diagonals=False)
+    R, s, t = _local_search(full, R, hand, step_deg=1.0, min_step_deg=0.02, t0=t, diagonals=False)
     return AlignResult(rotation=R.numpy(), shift_px=t.numpy(), mirror=bool(hand), score=float(s),
                        score_other_hand=float(other), coarse_top=top)
 
