@@ -17,6 +17,8 @@ reading, insertion, inversion, writing):
 Prints a table with wall and CPU seconds, images/s and the speed relative to
 relion_reconstruct, and the FSC between the two full maps as a sanity check.
 On a shared machine compare CPU seconds too: wall times then depend on the load.
+The "in-process" rows time cryospin's work without the Python start-up
+(importing torch and the package), which dominates at this size.
 Needs RELION on PATH.
 """
 
@@ -91,6 +93,25 @@ def run(args: list[str], cwd: Path, env: dict | None = None) -> tuple[float, flo
     return dt, dc
 
 
+def in_process(star: Path, threads: int) -> tuple[float, float]:
+    """(wall s, CPU s) of reading the particles and images, reconstructing the halves and the
+    full map, and writing them, in this process (interpreter and imports already paid for)."""
+    from cryospin_relion.data.stack import ImageSource
+    from cryospin_relion.io.read import read_particles
+    from cryospin_relion.reconstruct import reconstruct_halves
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    c0, t0 = time.process_time(), time.perf_counter()
+    table = read_particles(star)
+    res = reconstruct_halves(ImageSource(table), table, threads=threads, progress=False)
+    for name, vol in (("half1", res.half1), ("half2", res.half2), ("map", res.map)):
+        write_mrc(star.parent / f"inproc_{name}.mrc", vol, float(table.apix[0]))
+    out = time.perf_counter() - t0, time.process_time() - c0
+    torch.set_num_threads(prev)
+    return out
+
+
 def best_of(repeat: int, fn) -> tuple[float, float]:
     """The run with the shortest wall time: (wall s, CPU s)."""
     return min((fn() for _ in range(repeat)), key=lambda r: r[0])
@@ -131,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             t = best_of(args.repeat, lambda: run(["mpirun", "-n", str(args.j), "relion_reconstruct_mpi", "--i",
                                                   star.name, "--o", "relion_mpi.mrc", "--ctf"], work, env))
             rows.append((f"mpirun -n {args.j} relion_reconstruct_mpi --ctf (full map)", t))
+
+        for j in sorted({1, args.j}):
+            rows.append((f"  same, in-process after imports (--j {j}): read+insert+invert", in_process(star, j)))
 
         def relion_three() -> tuple[float, float]:
             runs = [run(["relion_reconstruct", "--i", star.name, "--o", f"relion_{s}.mrc", "--ctf"]
