@@ -14,7 +14,6 @@ All functions take tensors with arbitrary leading batch dimensions ``(..., )``.
 from __future__ import annotations
 
 import numpy as np
-import roma
 import torch
 from torch import Tensor
 
@@ -74,6 +73,8 @@ def so3_exp(rotvec: Tensor) -> Tensor:
     Returns:
         (..., 3, 3) active rotation matrices R with R v = rotate v about the axis.
     """
+    import roma  # lazy: importing roma pulls in torch._dynamo (~1 s)
+
     return roma.rotvec_to_rotmat(rotvec)
 
 
@@ -85,6 +86,8 @@ def so3_log(R: Tensor) -> Tensor:
     Returns:
         (..., 3)
     """
+    import roma  # lazy: importing roma pulls in torch._dynamo (~1 s)
+
     return roma.rotmat_to_rotvec(R)
 
 
@@ -96,6 +99,8 @@ def sixd_to_matrix(d6: Tensor) -> Tensor:
     Returns:
         (..., 3, 3) with rows b1, b2, b3 = b1 x b2.
     """
+    import roma
+
     cols = d6.reshape(*d6.shape[:-1], 2, 3).transpose(-1, -2)  # (..., 3, 2) columns a1, a2
     return roma.special_gramschmidt(cols).transpose(-1, -2)
 
