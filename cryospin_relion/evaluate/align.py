@@ -176,15 +176,17 @@ def _sample_points(spec: Tensor, q: Tensor, threads: int) -> Tensor:
     vol = torch.view_as_real(spec).permute(3, 0, 1, 2)  # (2, D, D, D)
     out = F.grid_sample(vol.unsqueeze(0).expand(chunks, *vol.shape), g.reshape(chunks, 1, 1, per, 3),
                         mode="bilinear", padding_mode="zeros", align_corners=True)  # (chunks, 2, 1, 1, per)
-    out = out.reshape(chunks, 2, per).permute(0, 2, 1).reshape(chunks * per, 2)[:P]
-    return torch.complex(out[:, 0], out[:, 1]).reshape(shape)
+    out = out.reshape(chunks, 2, per)
+    re, im = out[:, 0].reshape(-1)[:P], out[:, 1].reshape(-1)[:P]
+    return torch.complex(re, im).reshape(shape)
 
 
 class _Scorer:
     """Normalised correlation of rotated (and shifted) ``mov`` with ``ref`` at one box.
 
-    Works on the frequencies 0.5 < |k| <= rmax only (DC excluded), in FFT order so
-    that a full-grid scatter goes straight into ifftn for all translations at once.
+    Works on the frequencies 0.5 < |k| <= rmax only (DC excluded), on the kx >= 0 half
+    (rfftn layout, kx > 0 terms weighted 2), so that a scatter goes straight into
+    irfftn for all translations at once.
     Translations are given and returned in voxels of the FULL box (x, y, z).
     """
 
@@ -196,16 +198,21 @@ class _Scorer:
         self.scale = n / box  # full-box voxels per working voxel
         self.spec = {False: volume_to_projector(m, 2), True: volume_to_projector(flip_volume_hand(m), 2)}
         D = self.spec[False].shape[-1]
-        dims = (0, 1, 2)
-        kf = torch.fft.ifftshift(_freq_coords(box, torch.float32), dim=dims).reshape(-1, 3)  # FFT order
+        b = box
+        # the kx >= 0 half of the spectrum in rfftn layout (real maps: F(-k) = conj F(k))
+        fz = torch.fft.fftfreq(b) * b
+        fx = torch.arange(b // 2 + 1, dtype=torch.float32)
+        kz, ky, kx = torch.meshgrid(fz, fz, fx, indexing="ij")
+        kf = torch.stack([kx, ky, kz], -1).reshape(-1, 3)
         rad = kf.norm(dim=-1)
-        rmax = box / 2 - 0.5 if rmax is None else rmax
+        rmax = b / 2 - 0.5 if rmax is None else rmax
         self.idx = torch.nonzero((rad <= rmax) & (rad > 0.5))[:, 0]
         self.k = kf[self.idx]  # (M, 3) integer frequencies
-        self.kq = self.k * (D / box)  # in padded-voxel units
-        fr = torch.fft.ifftshift(fft3_centered(r), dim=dims).reshape(-1)[self.idx]
+        self.w = torch.where(self.k[:, 0] > 0, 2.0, 1.0)  # each kx > 0 term stands for itself and -k
+        self.kq = self.k * (D / b)  # in padded-voxel units
+        fr = torch.fft.rfftn(torch.fft.ifftshift(r.double(), dim=(0, 1, 2))).reshape(-1)[self.idx]
         self.fref = fr.to(torch.complex64)
-        self.ref_norm = float(fr.abs().pow(2).sum().sqrt())
+        self.ref_norm = float((self.w.double() * fr.abs().pow(2)).sum().sqrt())
         self.threads = max(1, torch.get_num_threads())
 
     def spectra(self, rotations: Tensor, mirror: bool) -> Tensor:
@@ -214,18 +221,20 @@ class _Scorer:
         return _sample_points(self.spec[mirror], q, self.threads)
 
     def _norm(self, fm: Tensor) -> Tensor:
-        return torch.view_as_real(fm).pow(2).sum((-1, -2)).double().sqrt().clamp_min(1e-30) * self.ref_norm
+        p = torch.view_as_real(fm).pow(2).sum(-1) @ self.w
+        return p.double().sqrt().clamp_min(1e-30) * self.ref_norm
 
     def all_shifts(self, rotations: Tensor, mirror: bool, chunk: int = 256) -> tuple[Tensor, Tensor]:
         """(B,) scores maximised over translations (FFT, sub-voxel parabolic peak) and (B, 3) translations."""
         b = self.box
+        h = b // 2 + 1
         scores, shifts = [], []
         for a in range(0, rotations.shape[0], chunk):
             fm = self.spectra(rotations[a:a + chunk], mirror)
             x = fm.conj() * self.fref  # sum_k conj(Fm) Fref e^{2 pi i k t} = <shift_t(m), ref>
-            full = torch.zeros(fm.shape[0], b**3, dtype=x.dtype)
-            full[:, self.idx] = x
-            cc = torch.fft.ifftn(full.reshape(-1, b, b, b), dim=(-3, -2, -1)).real * b**3
+            half = torch.zeros(fm.shape[0], b * b * h, dtype=x.dtype)
+            half[:, self.idx] = x
+            cc = torch.fft.irfftn(half.reshape(-1, b, b, h), s=(b, b, b), dim=(-3, -2, -1)) * b**3
             best, idx = cc.reshape(cc.shape[0], -1).max(-1)
             iz, iy, ix = idx // (b * b), (idx // b) % b, idx % b
             t = torch.stack([ix, iy, iz], -1).to(torch.float64) + _subvoxel(cc, iz, iy, ix)
@@ -237,13 +246,13 @@ class _Scorer:
     def at_shift(self, rotations: Tensor, mirror: bool, t: Tensor) -> Tensor:
         """(B,) scores with the translation fixed at t (full-box voxels)."""
         fm = self.spectra(rotations, mirror)
-        y = self.fref * torch.polar(torch.ones(1), 2 * math.pi * (self.k @ (t.float() / self.scale)) / self.box)
+        y = (self.fref * self.w) * torch.polar(torch.ones(1), 2 * math.pi * (self.k @ (t.float() / self.scale)) / self.box)
         return (fm.conj() * y).real.sum(-1).double() / self._norm(fm)
 
     def refine_shift(self, R: Tensor, mirror: bool, t: Tensor, iters: int = 3) -> tuple[float, Tensor]:
         """Best continuous translation near t for one rotation: (score, t)."""
         fm = self.spectra(R[None], mirror)
-        x = fm.conj() * self.fref
+        x = fm.conj() * (self.fref * self.w)
         f, tb = _newton_shift(x, (t / self.scale)[None], self.k / self.box, iters)
         return float(f[0] / self._norm(fm)[0]), tb[0] * self.scale
 
