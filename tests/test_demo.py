@@ -18,7 +18,7 @@ def _abinit_available() -> bool:
 def test_demo_dataset_only(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.run(["demo", "--o", str(out), "--quick", "--skip-abinit", "--n", "40"]) == 0
-    for f in ("synthetic_model.pdb", "data/particles.star", "data/particles.mrcs", "data/ground_truth.mrc",
+    for f in ("synthetic_model.pdb", "sim/particles.star", "sim/particles.mrcs", "sim/ground_truth.mrc",
               "compare.json", "demo_summary.json"):
         assert (out / f).is_file(), f
     s = json.loads((out / "demo_summary.json").read_text())
@@ -34,7 +34,7 @@ def test_demo_quick_runs_whole_pipeline(tmp_path):
     t0 = time.perf_counter()
     assert cli.run(["demo", "--o", str(out), "--quick"]) == 0
     dt = time.perf_counter() - t0
-    for f in ("data/particles.star", "data/ground_truth.mrc", "abinit/map.mrc", "abinit/particles.star",
+    for f in ("sim/particles.star", "sim/ground_truth.mrc", "abinit/map.mrc", "abinit/particles.star",
               "compare.json", "demo_summary.json"):
         assert (out / f).is_file(), f
     s = json.loads((out / "demo_summary.json").read_text())

@@ -10,7 +10,7 @@ and the hand and reports the FSC resolution and the pose errors.
 
 Output folder (--o, default ./cryospin_demo):
   synthetic_model.pdb          the generated structure
-  data/                        particles.star, particles.mrcs, ground_truth.mrc
+  sim/                         particles.star, particles.mrcs, ground_truth.mrc
   abinit/                      the ab-initio run (map.mrc, half maps, fsc.txt, particles.star, ...)
   abinit_unfiltered_map.mrc    average of the two half maps (map.mrc is low-passed), compared with the truth
   compare.json                 alignment, FSC and pose errors vs the truth
@@ -88,9 +88,9 @@ def main(args) -> int:
     # 2. particles ---------------------------------------------------------------------------------
     t0 = time.perf_counter()
     cfg = SimulationConfig(n=n, snr=snr, seed=args.seed, shift_std=2.0 * box / 64)
-    data = write_dataset(out / "data", truth, apix, cfg, progress=not args.quick)
+    data = write_dataset(out / "sim", truth, apix, cfg, progress=not args.quick)
     times["simulate_s"] = time.perf_counter() - t0
-    star, gt = out / "data" / "particles.star", out / "data" / "ground_truth.mrc"
+    star, gt = out / "sim" / "particles.star", out / "sim" / "ground_truth.mrc"
     print(f"demo: {n} particles, box {box}, {apix} A/px (Nyquist {2 * apix:.2f} A), SNR {snr}, "
           f"structure of {len(st[0][0])} residues ({2 * radius:.0f} A across)", flush=True)
 
