@@ -166,7 +166,7 @@ def main(args: argparse.Namespace) -> int:
 def _run(args, cfg: AbinitConfig, inp: Path, out: Path, log: logging.Logger) -> int:
     from cryospin_relion.data.stack import build_cache
     from cryospin_relion.engine.run import AbinitEngine, resolve_device
-    from cryospin_relion.io.read import read_particles
+    from cryospin_relion.validate import check_particles, require_valid
 
     t_start = time.perf_counter()
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -174,11 +174,8 @@ def _run(args, cfg: AbinitConfig, inp: Path, out: Path, log: logging.Logger) -> 
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    table = read_particles(inp, datadir=args.datadir, angpix=args.angpix, no_ctf=cfg.no_ctf)
-    if len(table) < 2:
-        raise InputError(f"{inp}: at least 2 particles are needed (found {len(table)})")
-    if table.ctf is None and not cfg.no_ctf:
-        raise InputError(f"{inp}: CTF parameters: none in the file (use --no-ctf for CTF-free data)")
+    # every input problem at once (the same checks as --dry-run), before any work
+    table = require_valid(*check_particles(inp, out, datadir=args.datadir, angpix=args.angpix, no_ctf=cfg.no_ctf))
     box = cfg.working_box(int(table.box))
     if box < 8:
         raise InputError(f"{inp}: image box {table.box} is too small (working box {box} < 8)")

@@ -11,6 +11,7 @@ All checks run once per unique stack, never per particle.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,34 +82,65 @@ def locate_stacks(
     codes, uniq = pd.factorize(names.astype(str), sort=False)
     src_dir = Path(source_file).resolve().parent
     resolved = [resolve_one(u, src_dir, datadir) for u in uniq]
-    first_row = pd.Series(np.arange(len(codes))).groupby(codes).min().to_numpy()
     missing = [u for u, r in zip(uniq, resolved) if r is None]
-    if missing and check_stacks:
-        k = resolved.index(None)
-        raise InputError(
-            f"{source_file}: row {first_row[k] + 1}: {field_name}: stack '{uniq[k]}' not found "
-            f"(looked in the working directory, next to the file{', and in --datadir' if datadir else ''})"
-        )
     shapes: dict[str, tuple[int, int, int]] = {}
     if check_stacks:
-        max_idx = pd.Series(indices).groupby(codes).max().to_numpy()
-        box = expected_box
-        for k, r in enumerate(resolved):
-            n, ny, nx = stack_shape(r)
-            shapes[r] = (n, ny, nx)
-            row = first_row[k] + 1
-            if ny != nx:
-                raise InputError(f"{r}: nx/ny: non-square images {nx}x{ny} (from {source_file}, row {row})")
-            if box and nx != box:
-                raise InputError(f"{r}: nx: images are {nx} px but {source_file} says {box} "
-                                 f"({field_name}, row {row})")
-            box = box or nx
-            if max_idx[k] >= n:
-                bad = int(np.flatnonzero((codes == k) & (indices >= n))[0])
-                raise InputError(f"{source_file}: row {bad + 1}: {field_name}: image {indices[bad] + 1} "
-                                 f"past the end of '{uniq[k]}' ({n} images)")
+        first = next(stack_problems(list(uniq), resolved, codes, indices, source_file, field_name,
+                                    expected_box, bool(datadir), shapes), None)
+        if first is not None:
+            raise InputError(first)
     paths = np.array([r if r is not None else u for u, r in zip(uniq, resolved)], dtype=object)
     return StackLocation(stack_paths=paths[codes], missing=missing, shapes=shapes)
+
+
+def stack_problems(
+    uniq: list[str],
+    resolved: list[str | None],
+    codes: np.ndarray,
+    indices: np.ndarray,
+    source_file: str,
+    field_name: str,
+    expected_box: int | None = None,
+    used_datadir: bool = False,
+    shapes: dict | None = None,
+) -> Iterator[str]:
+    """One-line messages for every problem with the stacks, in file order.
+
+    Args:
+        uniq: unique stack names as written in the file; resolved: their paths (None = not found).
+        codes: (N,) index into ``uniq`` per particle; indices: (N,) 0-based image index.
+        shapes: filled with {resolved path: (n, ny, nx)} for the headers read.
+    Yields:
+        a missing stack, an index past a stack's end, non-square images, or a box
+        different from ``expected_box`` / the first stack's.
+    """
+    shapes = {} if shapes is None else shapes
+    first_row = pd.Series(np.arange(len(codes))).groupby(codes).min().to_numpy()
+    max_idx = pd.Series(indices).groupby(codes).max().to_numpy()
+    box = expected_box
+    for k, r in enumerate(resolved):
+        row = first_row[k] + 1
+        if r is None:
+            yield (f"{source_file}: row {row}: {field_name}: stack '{uniq[k]}' not found "
+                   f"(looked in the working directory, next to the file{', and in --datadir' if used_datadir else ''})")
+            continue
+        try:
+            n, ny, nx = stack_shape(r)
+        except InputError as e:
+            yield str(e)
+            continue
+        shapes[r] = (n, ny, nx)
+        if ny != nx:
+            yield f"{r}: nx/ny: non-square images {nx}x{ny} (from {source_file}, row {row})"
+            continue
+        if box and nx != box:
+            yield f"{r}: nx: images are {nx} px but {source_file} says {box} ({field_name}, row {row})"
+            continue
+        box = box or nx
+        if max_idx[k] >= n:
+            bad = int(np.flatnonzero((codes == k) & (indices >= n))[0])
+            yield (f"{source_file}: row {bad + 1}: {field_name}: image {indices[bad] + 1} "
+                   f"past the end of '{uniq[k]}' ({n} images)")
 
 
 def first_header_box(loc: StackLocation) -> int:

@@ -1,0 +1,119 @@
+"""Check a run's inputs before computing, reporting every problem at once.
+
+``cryospin abinit --dry-run`` prints these problems and exits 2; ``abinit`` runs
+the same checks at start. Each problem is one line naming the file, the row
+where it applies, and the field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cryospin_relion.errors import InputError, InputErrors
+from cryospin_relion.io.particles import ParticleTable
+from cryospin_relion.io.paths import stack_problems
+
+# relative spread of pixel sizes that one volume can absorb (rounding in STAR files)
+APIX_TOLERANCE = 1e-3
+
+
+def _image_field(table: ParticleTable) -> str:
+    return "blob/path" if table.source_format == "cs" else "rlnImageName"
+
+
+def _pixel_size_problem(table: ParticleTable) -> str | None:
+    a = np.asarray(table.apix, dtype=np.float64)
+    if len(a) and (a.max() - a.min()) > APIX_TOLERANCE * a.max():
+        groups = pd.Series(a).groupby(np.asarray(table.optics_group)).first()
+        desc = ", ".join(f"group {g}: {v:.4g} A" for g, v in groups.items())
+        field = "blob/psize_A" if table.source_format == "cs" else "rlnImagePixelSize"
+        return f"{table.source_file}: {field}: particles have different pixel sizes ({desc}); one map needs one pixel size"
+    return None
+
+
+def _sample_rows(found: np.ndarray, sample: int) -> np.ndarray:
+    rows = np.flatnonzero(found)
+    if len(rows) <= sample:
+        return rows
+    return rows[np.linspace(0, len(rows) - 1, sample).round().astype(np.int64)]
+
+
+def image_problems(table: ParticleTable, rows: np.ndarray) -> list[str]:
+    """NaN/inf (and unreadable) images among ``rows``, one message per bad image."""
+    from cryospin_relion.data.stack import ImageSource
+
+    problems: list[str] = []
+    if len(rows) == 0:
+        return problems
+    src = ImageSource(table.subset_rows(rows))  # a table of found stacks only
+    rows = np.arange(len(rows))
+    for r in rows:
+        try:
+            src.images(np.array([r]))
+        except InputError as e:
+            problems.append(str(e))
+    return problems
+
+
+def check_particles(
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    datadir: str | os.PathLike | None = None,
+    angpix: float | None = None,
+    no_ctf: bool = False,
+    sample: int = 64,
+) -> tuple[ParticleTable | None, list[str]]:
+    """Read and check a particle file; returns the table (None if unreadable) and all problems.
+
+    Checks: the file reads (STAR/.cs structure, pixel size, CTF columns unless
+    ``no_ctf``, one box), every stack exists and holds the indexed images, the
+    images are square and of the declared box, one pixel size, at least two
+    particles, a sample of ``sample`` images has no NaN/inf, the output folder is
+    writable.
+    """
+    from cryospin_relion.io.read import read_particles
+
+    problems: list[str] = []
+    if out_dir is not None:
+        problems += _output_problems(Path(out_dir))
+    try:
+        table = read_particles(path, datadir=datadir, angpix=angpix, no_ctf=no_ctf, check_stacks=False)
+    except InputError as e:
+        return None, problems + str(e).splitlines()
+    field = _image_field(table)
+    if len(table) < 2:
+        problems.append(f"{path}: {field}: at least 2 particles are needed (found {len(table)})")
+    codes, uniq = pd.factorize(pd.Series(table.stack_paths, dtype=object).astype(str), sort=False)
+    # stack_paths hold resolved paths, or the name as written when the stack was not found
+    resolved = [u if os.path.isfile(u) else None for u in uniq]
+    problems += list(stack_problems(list(uniq), resolved, codes, np.asarray(table.stack_indices), str(path), field,
+                                    int(table.box) or None, datadir is not None))
+    p = _pixel_size_problem(table)
+    if p:
+        problems.append(p)
+    found = np.isin(codes, [k for k, r in enumerate(resolved) if r is not None])
+    if found.any() and not any("past the end" in q for q in problems):
+        problems += image_problems(table, _sample_rows(found, sample))
+    return table, problems
+
+
+def _output_problems(out: Path) -> list[str]:
+    if out.exists() and not out.is_dir():
+        return [f"{out}: --o: exists and is not a folder"]
+    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return [f"{out}: --o: output folder is not writable"]
+    return []
+
+
+def require_valid(table: ParticleTable | None, problems: list[str], show: int = 50) -> ParticleTable:
+    """Raise all problems at once (exit code 2; the first ``show`` lines and a count), else return the table."""
+    if problems:
+        more = len(problems) - show
+        raise InputErrors(problems[:show] + ([f"... and {more} more problems of the same kinds"] if more > 0 else []))
+    assert table is not None
+    return table
