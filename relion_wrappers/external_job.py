@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 
 from relion_wrappers.nodes import OUTPUT_NODES, pipeline_version, write_output_nodes
 from relion_wrappers.protocol import (
-    EXIT_ABORTED, EXIT_FAILURE, EXIT_SUCCESS, INPUT_FLAGS, ProtocolError, clear_stale_exit_files,
+    EXIT_ABORTED, EXIT_FAILURE, EXIT_SUCCESS, ProtocolError, clear_stale_exit_files,
     parse_relion_args, run_child, write_exit_file,
 )
 
@@ -164,77 +164,11 @@ def build_command(argv: Sequence[str], known: dict[str, bool], base: Sequence[st
     return outdir, cmd
 
 
-def particle_optics(star: str | os.PathLike) -> tuple[int, float] | None:
-    """(rlnImageSize, rlnImagePixelSize) of the first optics group of a RELION 3.1+ STAR, or None."""
-    import warnings
-
-    import starfile
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            blocks = starfile.read(star, always_dict=True)
-        optics = blocks["optics"]
-        return int(optics["rlnImageSize"].iloc[0]), float(optics["rlnImagePixelSize"].iloc[0])
-    except Exception:  # noqa: BLE001 - no optics table: nothing to match
-        return None
-
-
-def maps_for_relion(outdir: str) -> dict[str, str]:
-    """File names of the map and half-map 1 to register, at the particles' box and pixel size.
-
-    RELION's refinement refuses a reference whose box or pixel size differs from
-    the particles' first optics group. ``cryospin abinit`` writes its maps at the
-    working box (``--box``); when that is smaller than the particles' box, the
-    three maps are resampled (Fourier padding) to ``map_fullbox.mrc``,
-    ``half1_map_fullbox.mrc`` and ``half2_map_fullbox.mrc`` and those are registered.
-    """
-    names = {"map": "map.mrc", "halfmap": "half1_map.mrc"}
-    optics = particle_optics(outdir + "particles.star")
-    if optics is None or not Path(outdir + "map.mrc").is_file():
-        return names
-    import numpy as np
-    import torch
-
-    from cryospin_relion.geometry.fourier import fourier_crop_3d
-    from cryospin_relion.io.mrc import read_mrc, write_mrc
-
-    box, apix = optics
-    try:
-        import mrcfile
-
-        with mrcfile.open(outdir + "map.mrc", permissive=True, header_only=True) as m:
-            n, vs = int(m.header.nx), float(m.voxel_size.x)
-    except Exception as e:  # noqa: BLE001
-        _say(f"warning: cannot read the header of {outdir}map.mrc ({e}); registered as it is")
-        return names
-    if n == box and abs(vs - apix) <= 1e-3 * apix:
-        return names
-    if abs(vs * n - apix * box) > 2e-3 * apix * box:
-        _say(f"warning: {outdir}map.mrc ({n} px, {vs:.4f} A/px) does not cover the particle box ({box} px, "
-             f"{apix:.4f} A/px); registered as it is (RELION refinement will refuse it)")
-        return names
-    out = {}
-    for src, kind in (("map.mrc", "map"), ("half1_map.mrc", "halfmap"), ("half2_map.mrc", None)):
-        if not Path(outdir + src).is_file():
-            continue
-        vol, _ = read_mrc(outdir + src)
-        big = fourier_crop_3d(torch.from_numpy(np.ascontiguousarray(vol)), box).numpy()
-        dst = src.replace(".mrc", "_fullbox.mrc")
-        write_mrc(outdir + dst, big, apix)
-        if kind:
-            out[kind] = dst
-    _say(f"maps are {n} px at {vs:.4f} A/px, particles {box} px at {apix:.4f} A/px: registered "
-         f"{', '.join(out.values())} (Fourier-padded to the particle box) for RELION refinement")
-    return {**names, **out}
-
-
 def register_outputs(outdir: str) -> list[tuple[str, str]]:
     """Write RELION_OUTPUT_NODES.star for the outputs present; JobFailed if a required one is missing."""
     nodes, missing = [], []
-    relion_maps = maps_for_relion(outdir) if Path(outdir + "particles.star").is_file() else {}
+    # abinit writes map.mrc and the half maps at the particles' box and pixel size, as refinement needs
     for fname, kind, required in OUTPUTS:
-        fname = relion_maps.get(kind, fname)
         path = outdir + fname
         if Path(path).is_file():
             nodes.append((path, kind))

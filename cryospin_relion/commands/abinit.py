@@ -14,7 +14,9 @@ Outputs in DIR: half1_map.mrc, half2_map.mrc (backprojections of the two random
 halves with the final poses; both halves come from ONE ab-initio run, so they are
 not independent refinements and their FSC is optimistic), map.mrc (all particles,
 low-pass filtered at the 0.143 resolution, for use as a RELION initial model with
---ini_high), decoder_map.mrc (the learned volume), fsc.txt, particles.star (RELION
+--ini_high; these three maps are at the particles' box and pixel size, as RELION
+and cryoSPARC refinement need), decoder_map.mrc (the learned volume, at the working
+box), fsc.txt, particles.star (RELION
 3.1+, every input column kept, new angles/origins/rlnRandomSubset), particles.cs
 (for .cs input), config.yaml (effective config), run.log, history.json,
 checkpoint.pt (after every epoch), logfile.pdf (when the report module is present).
@@ -144,6 +146,13 @@ def lowpass(vol: np.ndarray, res_A: float, apix: float, width_shells: float = 2.
     return ifft3_centered(fft3_centered(v) * filt).real.float().numpy()
 
 
+def to_particle_box(vol: np.ndarray, box: int) -> np.ndarray:
+    """Resample a working-box map (n, n, n) to the particle box by Fourier padding (identity when n == box)."""
+    from cryospin_relion.geometry.fourier import fourier_crop_3d
+
+    return fourier_crop_3d(torch.as_tensor(np.ascontiguousarray(vol)), box).numpy().astype(np.float32)
+
+
 def main(args: argparse.Namespace) -> int:
     out = Path(args.o)
     inp = Path(args.i)
@@ -257,10 +266,13 @@ def _run(args, cfg: AbinitConfig, inp: Path, out: Path, log: logging.Logger) -> 
                             use_ctf=ctf is not None, device=device, seed=cfg.seed, progress=not args.quiet)
     apix_out = float(output_apix(table, box, box))
     res = float(hm.resolution)
-    write_mrc(out / "half1_map.mrc", hm.half1, apix_out)
-    write_mrc(out / "half2_map.mrc", hm.half2, apix_out)
-    write_mrc(out / "map.mrc", lowpass(hm.map, res, apix_out), apix_out)
-    write_mrc(out / "decoder_map.mrc", decoder, apix_out)
+    # maps for the next step at the particles' box and pixel size (RELION refine and cryoSPARC
+    # refuse a reference of another size): Fourier padding adds no information, it only resamples
+    pbox, papix = int(table.box), float(output_apix(table, int(table.box), int(table.box)))
+    write_mrc(out / "half1_map.mrc", to_particle_box(hm.half1, pbox), papix)
+    write_mrc(out / "half2_map.mrc", to_particle_box(hm.half2, pbox), papix)
+    write_mrc(out / "map.mrc", to_particle_box(lowpass(hm.map, res, apix_out), pbox), papix)
+    write_mrc(out / "decoder_map.mrc", decoder, apix_out)  # the learned volume, at the working box
     write_fsc(out / "fsc.txt", hm.fsc, box, apix_out)
     new = table.with_poses(R, shifts_A, halves)
     write_particles(new, out / "particles.star")

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import mrcfile
+import starfile
 import numpy as np
 import pytest
 
@@ -335,7 +336,7 @@ def relion_test(f):
 
 @relion_test
 def test_relion_external_job_succeeds_and_registers_nodes(relion_project):
-    """Working box 16 < particle box 24: the registered maps are Fourier-padded to 24 px at 5 A/px."""
+    """Working box 16 < particle box 24: the registered maps are at the particles' 24 px and 5 A/px."""
     project = relion_project
     job = add_external(project, dict(TINY, box="16"))
     t0 = time.monotonic()
@@ -345,7 +346,7 @@ def test_relion_external_job_succeeds_and_registers_nodes(relion_project):
     procs, nodes = read_pipeline(project)
     assert procs[job] == 2, f"{STATUS_31.get(procs[job])}; run.err:\n{(d / 'run.err').read_text()}"
     assert (d / EXIT_SUCCESS).exists()
-    registered = {"particles.star": 3, "map_fullbox.mrc": 6, "half1_map_fullbox.mrc": 10, "logfile.pdf": 13}
+    registered = {"particles.star": 3, "map.mrc": 6, "half1_map.mrc": 10, "logfile.pdf": 13}
     assert {k: v for k, v in nodes.items() if k.startswith(job)} == {job + k: v for k, v in registered.items()}
     for name, kind in registered.items():
         assert (project / ".Nodes" / str(kind) / job / name).exists()
@@ -354,16 +355,16 @@ def test_relion_external_job_succeeds_and_registers_nodes(relion_project):
     assert f"{ej.PROG} --o {job} --in_parts Import/job001/particles.star" in note
     out = (d / "run.out").read_text()
     assert "--epochs-amortized 1" in out and "--box 16" in out and "--j 2" in out
-    for f in ("map.mrc", "half1_map.mrc", "half2_map.mrc", "half2_map_fullbox.mrc", "particles.star",
-              "logfile.pdf"):
+    for f in ("map.mrc", "half1_map.mrc", "half2_map.mrc", "particles.star", "logfile.pdf"):
         assert (d / f).is_file(), f
-    # abinit's maps are at the working box; the registered ones match the particles' optics group
-    with mrcfile.open(d / "map.mrc", header_only=True) as m:
+    # the learned volume is at the working box; the maps match the particles' optics group, as refine needs
+    with mrcfile.open(d / "decoder_map.mrc", header_only=True) as m:
         assert int(m.header.nx) == 16 and abs(float(m.voxel_size.x) - APIX * BOX / 16) < 1e-3
-    for f in ("map_fullbox.mrc", "half1_map_fullbox.mrc", "half2_map_fullbox.mrc"):
+    for f in ("map.mrc", "half1_map.mrc", "half2_map.mrc"):
         with mrcfile.open(d / f, header_only=True) as m:
             assert (int(m.header.nx), int(m.header.nz)) == (BOX, BOX) and abs(float(m.voxel_size.x) - APIX) < 1e-3
-    assert ej.particle_optics(d / "particles.star") == (BOX, APIX)
+    optics = starfile.read(d / "particles.star")["optics"]
+    assert (int(optics["rlnImageSize"][0]), float(optics["rlnImagePixelSize"][0])) == (BOX, APIX)
     # image names stay project-relative
     assert "@Data/particles.mrcs" in (d / "particles.star").read_text()
     assert "error" not in (d / "run.err").read_text().lower()
@@ -422,36 +423,6 @@ def _blob(n: int, apix: float) -> np.ndarray:
     return np.exp(-((g[0] - 3) ** 2 + g[1] ** 2 + (g[2] + 3) ** 2) / (2 * 4.0 ** 2)).astype(np.float32)
 
 
-def _write_job(d: Path, map_box: int, map_apix: float, part_box: int, part_apix: float) -> None:
-    d.mkdir(parents=True, exist_ok=True)
-    for name in ("map.mrc", "half1_map.mrc", "half2_map.mrc"):
-        with mrcfile.new(d / name, overwrite=True) as m:
-            m.set_data(_blob(map_box, map_apix))
-            m.voxel_size = map_apix
-    (d / "particles.star").write_text(
-        "# version 30001\n\ndata_optics\n\nloop_\n_rlnOpticsGroup #1\n_rlnImagePixelSize #2\n_rlnImageSize #3\n"
-        f"1 {part_apix} {part_box}\n\n# version 30001\n\ndata_particles\n\nloop_\n_rlnImageName #1\n"
-        "_rlnOpticsGroup #2\n000001@Data/a.mrcs 1\n")
-
-
-def test_maps_resampled_to_the_particle_box(tmp_path):
-    d = tmp_path / "job"
-    _write_job(d, 8, 4.0, 16, 2.0)
-    names = ej.maps_for_relion(f"{d}/")
-    assert names == {"map": "map_fullbox.mrc", "halfmap": "half1_map_fullbox.mrc"}
-    for name in ("map_fullbox.mrc", "half1_map_fullbox.mrc", "half2_map_fullbox.mrc"):
-        with mrcfile.open(d / name) as m:
-            assert m.data.shape == (16, 16, 16) and abs(float(m.voxel_size.x) - 2.0) < 1e-4
-            v = m.data.astype(np.float64)
-        g = (np.mgrid[:16, :16, :16] - 8) * 2.0
-        com = [(g[k] * v).sum() / v.sum() for k in range(3)]
-        assert np.allclose(com, [3, 0, -3], atol=0.2)  # same place in Angstrom
-        assert np.corrcoef(v.ravel(), _blob(16, 2.0).ravel())[0, 1] > 0.99
-    # already at the particle box: registered as they are
-    d2 = tmp_path / "job2"
-    _write_job(d2, 16, 2.0, 16, 2.0)
-    assert ej.maps_for_relion(f"{d2}/") == {"map": "map.mrc", "halfmap": "half1_map.mrc"}
-    assert not (d2 / "map_fullbox.mrc").exists()
 
 
 def test_absolute_output_folder_gives_relative_node_names(project):
