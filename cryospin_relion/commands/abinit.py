@@ -146,6 +146,26 @@ def lowpass(vol: np.ndarray, res_A: float, apix: float, width_shells: float = 2.
     return ifft3_centered(fft3_centered(v) * filt).real.float().numpy()
 
 
+# config fields that may change between a checkpoint and --continue (schedule length, hardware)
+RESUMABLE_CHANGES = {"epochs_amortized", "epochs_autodecode", "device", "threads", "flip_hand"}
+
+
+def input_fingerprint(inp: Path, table) -> dict:
+    """What identifies the input of a run: the file (path, size, mtime) and the particle count."""
+    st = inp.stat()
+    return {"file": str(inp.resolve()), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns), "n": len(table)}
+
+
+def resume_mismatch(state: dict, cfg: AbinitConfig, fingerprint: dict) -> str:
+    """'' when a checkpoint may be continued with this config and input, else what changed."""
+    old_cfg = state.get("config", {})
+    diff = sorted(k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and k in old_cfg and old_cfg[k] != v)
+    old_in = state.get("input")
+    if old_in is not None and old_in != fingerprint:
+        diff.append("input particles (" + ", ".join(k for k in fingerprint if old_in.get(k) != fingerprint[k]) + ")")
+    return ", ".join(f"config {k}" if not k.startswith("input") else k for k in diff)
+
+
 def to_particle_box(vol: np.ndarray, box: int) -> np.ndarray:
     """Resample a working-box map (n, n, n) to the particle box by Fourier padding (identity when n == box)."""
     from cryospin_relion.geometry.fourier import fourier_crop_3d
@@ -164,6 +184,9 @@ def main(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"{out}: --o: cannot create the folder ({e.strerror or e})") from None
+    from cryospin_relion.io.atomic import remove_stale_temporaries
+
+    remove_stale_temporaries(out)  # half-written files of a killed earlier run
     cfg = effective_config(args, out)
     log = _setup_logging(out, args.quiet)
     try:
@@ -204,11 +227,16 @@ def _run(args, cfg: AbinitConfig, inp: Path, out: Path, log: logging.Logger) -> 
     engine = AbinitEngine(cache.images, torch.as_tensor(apix_work, dtype=torch.float32), ctf, cfg, device,
                           progress=not args.quiet)
     ckpt = out / CHECKPOINT
+    fingerprint = input_fingerprint(inp, table)
     if args.cont:
         if not ckpt.is_file():
             raise InputError(f"{ckpt}: --continue: no checkpoint in the output folder")
         try:
             state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            changed = resume_mismatch(state, cfg, fingerprint)
+            if changed:
+                raise InputError(f"{ckpt}: --continue: {changed} changed since the checkpoint; rerun without "
+                                 f"--continue in a new folder, or restore them")
             engine.load_state_dict(state)
         except (ValueError, KeyError, RuntimeError) as e:
             raise InputError(f"{ckpt}: --continue: checkpoint does not match this run ({e})") from None
@@ -229,8 +257,11 @@ def _run(args, cfg: AbinitConfig, inp: Path, out: Path, log: logging.Logger) -> 
     except ValueError:  # not the main thread
         old = {}
 
+    def checkpoint(eng) -> None:
+        _save_torch(dict(eng.state_dict(), input=fingerprint), ckpt)
+
     def on_epoch_end(eng) -> None:
-        _save_torch(eng.state_dict(), ckpt)
+        checkpoint(eng)
         _save_json(eng.history, out / "history.json")
 
     try:
@@ -239,7 +270,7 @@ def _run(args, cfg: AbinitConfig, inp: Path, out: Path, log: logging.Logger) -> 
         for s, h in old.items():
             signal.signal(s, h)
     if status == "stopped":
-        _save_torch(engine.state_dict(), ckpt)
+        checkpoint(engine)
         _save_json(engine.history, out / "history.json")
         code = 143 if stop["sig"] == signal.SIGTERM else 130
         log.info(f"stopped at epoch {engine.epoch + 1}, batch {engine.batch_pos}; checkpoint written to {ckpt}; "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -28,6 +29,10 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     return parent
 
 
+# the names atomic_path gives its temporary files
+_TMP = re.compile(r"\..+\.\d+-[0-9a-f]{8}\.tmp(\.[^.]+)?")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
@@ -38,7 +43,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     ensure_writable_dir(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")  # see _TMP
     try:
         yield tmp
         os.replace(tmp, path)
@@ -46,3 +51,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that ``atomic_path`` left in ``folder`` when a process was killed."""
+    removed = []
+    for p in Path(folder).glob(".*.tmp*"):
+        if _TMP.fullmatch(p.name) and p.is_file():
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed
