@@ -147,7 +147,7 @@ def lowpass(vol: np.ndarray, res_A: float, apix: float, width_shells: float = 2.
 
 
 # config fields that may change between a checkpoint and --continue (schedule length, hardware)
-RESUMABLE_CHANGES = {"epochs_amortized", "epochs_autodecode", "device", "threads", "flip_hand"}
+RESUMABLE_CHANGES = {"epochs_amortized", "epochs_autodecode", "device", "threads", "flip_hand", "checkpoint_minutes"}
 
 
 def input_fingerprint(inp: Path, table) -> dict:
@@ -257,15 +257,24 @@ def _run(args, cfg: AbinitConfig, inp: Path, out: Path, log: logging.Logger) -> 
     except ValueError:  # not the main thread
         old = {}
 
+    last_save = [time.monotonic()]  # when the newest checkpoint was written
+
     def checkpoint(eng) -> None:
         _save_torch(dict(eng.state_dict(), input=fingerprint), ckpt)
+        last_save[0] = time.monotonic()
 
     def on_epoch_end(eng) -> None:
         checkpoint(eng)
         _save_json(eng.history, out / "history.json")
 
+    def after_batch() -> bool:
+        """Polled by the engine after every batch (a consistent state): timed checkpoints, stop requests."""
+        if cfg.checkpoint_minutes > 0 and time.monotonic() - last_save[0] > 60 * cfg.checkpoint_minutes:
+            checkpoint(engine)
+        return stop["sig"] is not None
+
     try:
-        status = engine.run(should_stop=lambda: stop["sig"] is not None, on_epoch_end=on_epoch_end)
+        status = engine.run(should_stop=after_batch, on_epoch_end=on_epoch_end)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
