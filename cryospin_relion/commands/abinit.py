@@ -328,6 +328,7 @@ def _run(args, cfg: AbinitConfig, inp: Path, out: Path, log: logging.Logger) -> 
         "input": str(inp), "output": str(out), "n_particles": len(table), "box": box, "apix": apix_out,
         "resolution_A": res, "switch_epoch": h.get("switch_epoch"), "epochs": len(h["epoch"]),
         "final_loss": h["loss"][-1] if h["loss"] else None, "train_s": t_train, "total_s": total,
+        **stage_times(h), "final_outputs_s": total - t_train,
         "device": str(device), "outputs": sorted(p.name for p in out.iterdir() if not p.name.startswith(".")),
     }
     try:
@@ -342,4 +343,30 @@ def _run(args, cfg: AbinitConfig, inp: Path, out: Path, log: logging.Logger) -> 
             log.info(f"report not written: {type(e).__name__}: {e}")
     if args.json_summary:
         _save_json(summary, Path(args.json_summary))
+    if not args.quiet:
+        print(final_table(summary, out))
     return 0
+
+
+def stage_times(history: dict) -> dict:
+    """Seconds of training spent in stage 1 and in stage 2, from the per-epoch history."""
+    t = {1: 0.0, 2: 0.0}
+    for stage, dt in zip(history.get("stage", []), history.get("epoch_time_s", [])):
+        t[int(stage)] = t.get(int(stage), 0.0) + float(dt or 0.0)
+    return {"stage1_s": t[1], "stage2_s": t[2]}
+
+
+def final_table(summary: dict, out: Path) -> str:
+    """The short table printed at the end of a run."""
+    rows = [
+        ("resolution (FSC 0.143, half maps)", f"{summary['resolution_A']:.2f} A  (Nyquist {2 * summary['apix']:.2f} A)"),
+        ("particles used", f"{summary['n_particles']}"),
+        ("stage 1 (auto-encoding)", f"{summary['stage1_s']:.0f} s"),
+        ("stage 2 (auto-decoding)", f"{summary['stage2_s']:.0f} s"),
+        ("maps, FSC, pose files", f"{summary['final_outputs_s']:.0f} s"),
+        ("map / half maps", f"{out / 'map.mrc'}  {out / 'half1_map.mrc'}  {out / 'half2_map.mrc'}"),
+        ("poses", "  ".join(str(out / n) for n in ("particles.star", "particles.cs") if (out / n).is_file())),
+        ("report", str(out / "logfile.pdf")),
+    ]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(["", "cryospin abinit finished", *(f"  {k:<{w}}  {v}" for k, v in rows)])
