@@ -61,6 +61,20 @@ class AbinitConfig:
     pose_iters: int = 5  # pose steps per batch in stage 2 (reference)
     vol_iters: int = 1  # volume steps per batch in stage 2 (reference)
 
+    # --- stage-1 exploration (beyond the reference; explore_candidates: 0 = the pure reference WTA) ----
+    # Each image's winner-takes-all candidate set = the M heads + the best pose of a gradient-free search
+    # seeded by its remembered best pose and the heads: a scan of explore_candidates near-uniform rotations
+    # (randomly turned each batch) whose explore_top best are re-scored, then explore_rounds rounds of
+    # explore_local perturbations (engine/stage1.py). The volume is trained by the overall winner; the
+    # nearest head is pulled toward a winner that is not a head (distillation, distill_weight).
+    explore_candidates: int = 4608  # global candidates (near-uniform rotation grid) per image; 0 = off (reference)
+    explore_top: int = 8  # best global candidates per image re-scored with the configured loss
+    explore_rounds: int = 3  # local refinement rounds of the search (the perturbation halves each round)
+    explore_local: int = 8  # perturbations of the current best per round
+    explore_local_deg: float = 10.0  # RMS angle of the first round's perturbations
+    explore_shift_px: float = 1.0  # RMS shift jitter of the first round, working-box pixels
+    distill_weight: float = 1.0  # weight of the head -> winner distillation term
+
     # --- coarse-to-fine ----------------------------------------------------------------
     coarse_to_fine: bool = True  # work at a reduced Fourier box early (beyond the reference)
     c2f_start: float = 0.5  # first Fourier box as a fraction of the working box
@@ -71,6 +85,7 @@ class AbinitConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # CPU threads; 0 = torch default
     flip_hand: bool = False  # mirror the result (poses and maps)
+    checkpoint_minutes: float = 10.0  # also checkpoint mid-epoch after this many minutes (0 = epochs only)
 
     # ------------------------------------------------------------------------------------
     def validate(self, source: str = "config") -> "AbinitConfig":
@@ -92,7 +107,8 @@ class AbinitConfig:
         for name in ("heads", "batch_size", "pose_iters"):
             if getattr(self, name) < 1:
                 bad(name, f"{getattr(self, name)} must be >= 1")
-        for name in ("epochs_amortized", "epochs_autodecode", "min_epochs_amortized", "vol_iters", "octaves", "threads"):
+        for name in ("epochs_amortized", "epochs_autodecode", "min_epochs_amortized", "vol_iters", "octaves", "threads",
+                     "explore_candidates", "explore_top", "explore_rounds", "explore_local"):
             if getattr(self, name) < 0:
                 bad(name, f"{getattr(self, name)} must be >= 0")
         if self.epochs_amortized < 1:
@@ -105,7 +121,8 @@ class AbinitConfig:
             bad("c2f_start", f"{self.c2f_start} must be in (0, 1]")
         if len(self.pose_betas) != 2 or not all(0 <= b < 1 for b in self.pose_betas):
             bad("pose_betas", f"{self.pose_betas} must be two numbers in [0, 1)")
-        for name in ("lr_encoder", "lr_decoder", "lr_decoder_stage2", "lr_pose", "lr_shift", "switch_threshold_deg"):
+        for name in ("checkpoint_minutes", "lr_encoder", "lr_decoder", "lr_decoder_stage2", "lr_pose", "lr_shift", "switch_threshold_deg",
+                     "explore_local_deg", "explore_shift_px", "distill_weight"):
             if getattr(self, name) < 0:
                 bad(name, f"{getattr(self, name)} must be >= 0")
         return self

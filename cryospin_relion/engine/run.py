@@ -43,10 +43,10 @@ from torch import Tensor
 
 from cryospin_relion.config import AbinitConfig
 from cryospin_relion.engine.losses import prepare_batch
-from cryospin_relion.engine.stage1 import stage1_step
+from cryospin_relion.engine.stage1 import search_poses, stage1_step, super_fibonacci_rotations
 from cryospin_relion.engine.stage2 import stage2_step
 from cryospin_relion.geometry.fourier import ht2_centered
-from cryospin_relion.geometry.rotations import geodesic_distance_deg
+from cryospin_relion.geometry.rotations import geodesic_distance_deg, random_rotations
 from cryospin_relion.model.encoder import PoseEncoder
 from cryospin_relion.model.pose_table import PoseTable
 from cryospin_relion.model.volume import HartleyVolume, radial_profile_2d
@@ -99,10 +99,14 @@ def _set_rng_state(d: dict) -> None:
 
 def _new_history() -> dict:
     """Per-epoch lists; time_s is cumulative training time, epoch_time_s per epoch; head_wins (M,) counts
-    and head_win_share fractions in stage 1 (None in stage 2); pose_change_deg = median geodesic change of
-    each image's pose (winning head in stage 1, table in stage 2) since the previous epoch."""
+    and head_win_share fractions in stage 1 (None in stage 2): how often each head is the best of the heads
+    (a share near 1 for one head = head collapse); winner_source_share: where each image's overall winner
+    came from in stage 1 (heads / memory / local / global, see engine/stage1.py; None in stage 2);
+    pose_change_deg = median geodesic change of each image's pose (remembered winner in stage 1, table in
+    stage 2) since the previous epoch."""
     return {k: [] for k in ("epoch", "stage", "loss", "time_s", "epoch_time_s", "images_per_s", "crop", "lr_encoder",
-                            "lr_decoder", "lr_pose", "head_wins", "head_win_share", "pose_change_deg", "switched")} | {
+                            "lr_decoder", "lr_pose", "head_wins", "head_win_share", "winner_source_share",
+                            "pose_change_deg", "switched")} | {
         "switch_epoch": None}
 
 
@@ -130,8 +134,16 @@ class AbinitEngine:
         self.opt_volume1 = torch.optim.Adam(self.volume.parameters(), lr=config.lr_decoder)
         self.opt_volume2 = torch.optim.Adam(self.volume.parameters(), lr=config.lr_decoder_stage2)
         self.table = PoseTable(self.N, self.device, config.lr_pose, config.lr_shift, config.pose_betas, max_shift=self.max_shift)
-        self.win_R = torch.eye(3, device=self.device).repeat(self.N, 1, 1)
+        # per-image pose memory: the overall stage-1 winner of the image's last visit (with exploration the
+        # best pose found so far, which is itself a candidate of the next visit); starts at random rotations
+        # (identity for the reference method, where it is only a record of the winning heads)
+        if config.explore_candidates > 0:
+            g0 = torch.Generator().manual_seed(int(config.seed) * 7919 + 3)
+            self.win_R = random_rotations(self.N, g0, dtype=torch.float32).to(self.device)
+        else:
+            self.win_R = torch.eye(3, device=self.device).repeat(self.N, 1, 1)
         self.win_t = torch.zeros(self.N, 2, device=self.device)
+        self._grid: Tensor | None = None  # near-uniform rotations of the global search (made on first use)
         self.prev_R: Tensor | None = None  # winning (stage 1) / table (stage 2) poses at the previous epoch end
         self.epoch = 0  # completed epochs
         self.stage = 1
@@ -142,7 +154,30 @@ class AbinitEngine:
 
     # -- helpers -------------------------------------------------------------------
     def _new_acc(self) -> dict:
-        return {"loss_sum": 0.0, "count": 0, "time_s": 0.0, "wins": [0] * self.cfg.heads}
+        return {"loss_sum": 0.0, "count": 0, "time_s": 0.0, "wins": [0] * self.cfg.heads,
+                "sources": [0, 0, 0, 0]}
+
+    def explore(self, b, bi: int) -> dict | None:
+        """Exploration candidate of each image of a stage-1 batch (engine/stage1.py ``search_poses``):
+        seeds = the remembered pose and the heads' current poses (detached), plus explore_candidates
+        uniformly random rotations, refined by explore_rounds rounds of explore_local perturbations.
+        The generator is seeded by (seed, epoch, batch), so a resumed run draws the same candidates.
+        None when exploration is off."""
+        cfg = self.cfg
+        if cfg.explore_candidates <= 0:
+            return None
+        g = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + 7_919 * int(self.epoch) + int(bi) + 12_345)
+        with torch.no_grad():
+            was = self.encoder.training
+            self.encoder.eval()
+            hr, ht = self.encoder(b.images)
+            self.encoder.train(was)
+        seeds_R = torch.cat([self.win_R[b.idx][:, None], hr], 1)
+        seeds_t = torch.cat([self.win_t[b.idx][:, None], ht], 1)
+        if self._grid is None:
+            self._grid = super_fibonacci_rotations(cfg.explore_candidates).to(self.device)
+        return search_poses(self.volume, b, seeds_R, seeds_t, g, self._grid, cfg.explore_top, cfg.explore_rounds,
+                            cfg.explore_local, cfg.explore_local_deg, cfg.explore_shift_px, self.max_shift, cfg.loss)
 
     def _load_images(self, idx: Tensor) -> Tensor:
         ii = idx.numpy()
@@ -220,11 +255,22 @@ class AbinitEngine:
                 t0 = time.perf_counter()
                 b = self.batch(batches[bi], c)
                 if self.stage == 1:
-                    out = stage1_step(self.encoder, self.volume, self.opt_encoder, self.opt_volume1, b, cfg.loss)
+                    ex = self.explore(b, bi)
+                    out = stage1_step(self.encoder, self.volume, self.opt_encoder, self.opt_volume1, b, cfg.loss,
+                                      extra_rot=None if ex is None else ex["rot"][:, None],
+                                      extra_shift=None if ex is None else ex["shift"][:, None],
+                                      distill_weight=cfg.distill_weight)
                     self.win_R[b.idx] = out["rot"]
                     self.win_t[b.idx] = out["shift"]
                     counts = torch.bincount(out["win"], minlength=cfg.heads).tolist()
                     self.acc["wins"] = [a + int(x) for a, x in zip(self.acc["wins"], counts)]
+                    # overall winner: head / remembered pose / local perturbation / global candidate
+                    if ex is None:
+                        src = torch.zeros_like(out["overall"])
+                    else:  # a head seed that wins the search is a head win (ties go to the heads)
+                        src = torch.where(out["overall"] < cfg.heads, 0, ex["source"].clamp_min(1))
+                    self.acc["sources"] = [a + int(x) for a, x in
+                                           zip(self.acc["sources"], torch.bincount(src, minlength=4).tolist())]
                 else:
                     out = stage2_step(self.volume, self.table, self.opt_volume2, b, cfg.pose_iters, cfg.vol_iters, cfg.loss)
                 nb = int(b.idx.shape[0])
@@ -249,9 +295,11 @@ class AbinitEngine:
                       if self.prev_R is not None else float("nan"))
             tot = max(1, sum(a["wins"]))
             share = [w / tot for w in a["wins"]]
+            stot = max(1, sum(a["sources"]))
+            sources = dict(zip(("heads", "memory", "local", "global"), (x / stot for x in a["sources"])))
         else:
             change = float(geodesic_distance_deg(self.prev_R.double(), self.table.rotations.double()).median())
-            share = None
+            share = sources = None
         h["epoch"].append(e + 1)
         h["stage"].append(self.stage)
         h["loss"].append(a["loss_sum"] / max(1, a["count"]))
@@ -264,6 +312,7 @@ class AbinitEngine:
         h["lr_pose"].append(0.0 if self.stage == 1 else cfg.lr_pose)
         h["head_win_share"].append(share)
         h["head_wins"].append(list(a["wins"]) if self.stage == 1 else None)
+        h.setdefault("winner_source_share", [None] * (len(h["epoch"]) - 1)).append(sources)
         h["pose_change_deg"].append(None if math.isnan(change) else change)
         switched = False
         if self.stage == 1:
@@ -284,6 +333,8 @@ class AbinitEngine:
             msg += f" pose change {change:.2f} deg"
         if share is not None:
             msg += " heads " + "/".join(f"{100 * s:.0f}" for s in share) + "%"
+            if cfg.explore_candidates > 0:
+                msg += " winners " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in sources.items())
         if switched:
             msg += f" -> switch to auto-decoding after {e + 1} epochs"
         log.info(msg)
@@ -321,7 +372,7 @@ class AbinitEngine:
             "stage": self.stage,
             "batch_pos": self.batch_pos,
             "done": self.done,
-            "acc": dict(self.acc, wins=list(self.acc["wins"])),
+            "acc": dict(self.acc, wins=list(self.acc["wins"]), sources=list(self.acc["sources"])),
             "history": self.history,
             "encoder": {k: v.cpu() for k, v in self.encoder.state_dict().items()},
             "volume": {k: v.cpu() for k, v in self.volume.state_dict().items()},
@@ -352,6 +403,7 @@ class AbinitEngine:
         self.prev_R = None if d["prev_R"] is None else d["prev_R"].to(dev)
         self.epoch, self.stage, self.batch_pos, self.done = d["epoch"], d["stage"], d["batch_pos"], d["done"]
         self.acc = dict(d["acc"])
+        self.acc.setdefault("sources", [0, 0, 0, 0])
         self.history = d["history"]
         _set_rng_state(d["rng"])
 
