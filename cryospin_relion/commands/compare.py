@@ -8,7 +8,9 @@ local refinement at the full box. Reported (JSON on stdout, and --json FILE):
   mirror             true if the map had to be hand-flipped (z flip about N//2) first
   rotation_matrix    R, with aligned(r) = m(R^T (r - t)), m = flipped map if mirror
   rotation_angle_deg, rotation_axis, shift_A (t in A, x y z)
-  correlation        normalised correlation after alignment (and for the other hand)
+  correlation        normalised correlation after alignment (full box, up to refinement_band_A,
+                     the resolution where the FSC of the roughly aligned maps falls below 0.143);
+                     correlation_low_res(_other_hand): at the medium box, the best of each hand
   fsc_0.5_A, fsc_0.143_A and the FSC curve between the aligned map and the reference
 
 With --poses est.star --true-poses gt.star (RELION STAR or cryoSPARC .cs; matched
@@ -145,7 +147,10 @@ def main(args) -> int:
         "rotation_axis": (rv / max(np.linalg.norm(rv), 1e-12)).round(6).tolist(),
         "shift_A": (res.shift_px * apix).round(3).tolist(),
         "correlation": round(res.score, 5),
-        "correlation_other_hand": None if not np.isfinite(res.score_other_hand) else round(res.score_other_hand, 5),
+        "correlation_low_res": round(res.score_medium, 5),
+        "correlation_low_res_other_hand": (None if not np.isfinite(res.score_other_hand)
+                                           else round(res.score_other_hand, 5)),
+        "refinement_band_A": round(n * apix / res.band_limit, 3),
         "fsc_0.5_A": round(resolution_at(curve, n, apix, 0.5), 3),
         "fsc_0.143_A": round(resolution_at(curve, n, apix, 0.143), 3),
         "nyquist_A": round(2 * apix, 3),

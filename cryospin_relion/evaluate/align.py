@@ -339,8 +339,10 @@ class AlignResult:
     rotation: np.ndarray  # (3, 3) R
     shift_px: np.ndarray  # (3,) t (x, y, z) in voxels of the full box
     mirror: bool
-    score: float  # normalised correlation at the full box
-    score_other_hand: float  # best correlation found with the opposite hand (medium box)
+    score: float  # normalised correlation at the full box (frequencies up to ``band_limit``)
+    score_other_hand: float  # best correlation with the opposite hand, at the medium box
+    score_medium: float = float("nan")  # best correlation with the chosen hand, at the medium box
+    band_limit: float = float("nan")  # radius (full-box Fourier pixels) of the final refinement
     coarse_top: list = field(default_factory=list)
 
     @property
@@ -407,9 +409,19 @@ def align_maps(
     cands.sort(key=lambda c: -c[0])
     s_med, hand, R, t = cands[0]
     other = max((c[0] for c in cands if c[1] != hand), default=float("nan"))
+    # final refinement at the full box, over the frequencies where the two maps agree
+    # (FSC >= 0.143 after the medium-box alignment): noise-only shells would add variance
+    from cryospin_relion.geometry.fsc import fsc
+
+    trial = transform_volume(torch_mov.numpy(), R.numpy(), t.numpy(), hand)
+    curve = fsc(torch.as_tensor(trial), torch_ref).numpy()
+    below = np.nonzero(curve[1:] < 0.143)[0]
+    rmax = float(n / 2 - 0.5) if len(below) == 0 else float(min(n / 2 - 0.5, max(4.0, below[0] + 1 + 2)))
+    if rmax < n / 2 - 0.5:
+        full = _Scorer(torch_mov, torch_ref, n, rmax=rmax)
     R, s, t = _local_search(full, R, hand, step_deg=1.0, min_step_deg=0.02, t0=t, diagonals=False)
     return AlignResult(rotation=R.numpy(), shift_px=t.numpy(), mirror=bool(hand), score=float(s),
-                       score_other_hand=float(other), coarse_top=top)
+                       score_other_hand=float(other), score_medium=float(s_med), band_limit=rmax, coarse_top=top)
 
 
 def _angle(R1: Tensor, R2: Tensor) -> float:
