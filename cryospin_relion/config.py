@@ -44,8 +44,8 @@ class AbinitConfig:
     loss: str = "l1"  # l1 (reference) or l2 (Gaussian)
 
     # --- schedule --------------------------------------------------------------------
-    epochs_amortized: int = 15  # maximum stage-1 (auto-encoding) epochs
-    min_epochs_amortized: int = 5  # stage 1 lasts at least this many epochs
+    epochs_amortized: int = 10  # maximum stage-1 (auto-encoding) epochs
+    min_epochs_amortized: int = 7  # stage 1 lasts at least this many epochs
     auto_switch: bool = True  # switch early once winning poses stop changing
     switch_threshold_deg: float = 3.0  # ... median change of winning pose between epochs below this
     epochs_autodecode: int = 6  # stage-2 (auto-decoding) epochs after the switch
@@ -53,7 +53,8 @@ class AbinitConfig:
 
     # --- optimisation (reference values unless noted) ----------------------------------
     lr_encoder: float = 1e-3  # reference 1e-4 (tuned up for short CPU runs, see docs)
-    lr_decoder: float = 2e-2  # stage-1 volume lr (reference 5e-3; 4x for short runs: lower loss in the same epochs)
+    lr_decoder: float = 0.2  # stage-1 volume lr (reference 5e-3; with exploration the volume must follow the
+    # searched poses within a few epochs: at box 32, 0.02 and 0.05 stay in a wrong basin, 0.1-0.2 converge)
     lr_decoder_stage2: float = 1e-2  # stage-2 volume lr (reference 2e-3; raised like lr_decoder)
     lr_pose: float = 0.05  # stage-2 rotation perturbation lr, radians (reference)
     lr_shift: float = 0.05  # stage-2 shift lr, working-box pixels
@@ -77,7 +78,7 @@ class AbinitConfig:
 
     # --- coarse-to-fine ----------------------------------------------------------------
     coarse_to_fine: bool = True  # work at a reduced Fourier box early (beyond the reference)
-    c2f_start: float = 0.5  # first Fourier box as a fraction of the working box
+    c2f_start: float = 0.375  # first Fourier box as a fraction of the working box (12 at box 32: smoother search)
     c2f_epochs: int | None = None  # epochs to reach the full box; None = min_epochs_amortized + 1
 
     # --- run -------------------------------------------------------------------------------
