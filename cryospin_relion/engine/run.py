@@ -12,13 +12,20 @@ Entry points:
   - ``engine.decoder_map() -> (n, n, n) float32``
   - ``run_abinit(...)`` one-call wrapper.
 
+Pose memory and exploration (stage 1, ``explore_candidates > 0``, engine/stage1.py):
+every image remembers its overall winning pose (``win_R``, ``win_t``: the best pose
+found so far, re-scored at each visit); each batch's winner-takes-all candidate set
+is the M heads plus the result of a gradient-free search seeded by the remembered
+pose and the heads. ``explore_candidates: 0`` is the reference method (the memory
+then only records the winning heads).
+
 Switch (stage 1 -> 2): after ``epochs_amortized`` epochs, or earlier (at least
-``min_epochs_amortized``) once the median geodesic change of each image's winning
-pose between two epochs is below ``switch_threshold_deg``. The winning pose of
-every image is stored as the epoch runs, so the pose table is initialised from
-it without an extra inference pass (an extra pass would cost a whole epoch of
-encoder + M-slice forward work; at the switch the encoder is by construction
-barely changing, so the stored poses are practically the ones a pass would give).
+``min_epochs_amortized``) once the median geodesic change of each image's
+remembered (winning) pose between two epochs is below ``switch_threshold_deg``.
+The pose table is initialised from the remembered poses without an extra
+inference pass (an extra pass would cost a whole epoch of encoder + M-slice
+forward work, and with exploration the remembered pose is at least as good as
+the heads' by construction).
 
 Coarse-to-fine: epoch e works on the central c(e) x c(e) Fourier box,
 c(e) = c0 + (n - c0) * min(1, e / c2f_epochs), rounded to even, c0 = c2f_start * n.
