@@ -102,3 +102,14 @@ def test_run_outputs_and_sigterm_continue(tmp_path, star):
     t = read_particles(out / "particles.star", check_stacks=False)
     assert len(t) == 160 and set(np.unique(t.subset)) == {1, 2}
     assert "resuming at epoch" in (out / "run.log").read_text()
+
+
+def test_true_poses_give_pose_error_per_epoch(tmp_path, star):
+    out = tmp_path / "run"
+    rc = cli.run(["abinit", "--i", str(star), "--o", str(out), "--quiet", "--heads", "2", "--epochs-amortized", "2",
+                  "--epochs-autodecode", "1", "--batch-size", "32", "--true-poses", str(star)])
+    assert rc == 0
+    h = json.loads((out / "history.json").read_text())
+    pe = h["pose_error"]
+    assert pe["epoch"] == h["epoch"] and all(0 <= x <= 180 for x in pe["median_deg"])
+    assert (out / "pose_error.png").is_file()

@@ -79,6 +79,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flip-hand", action="store_true", help="mirror the result (maps and poses)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or console log lines")
     p.add_argument("--json-summary", metavar="FILE", help="write a JSON summary of the run")
+    p.add_argument("--true-poses", default=None, metavar="STAR",
+                   help="ground-truth poses (.star/.cs of the same particles, e.g. from cryospin simulate): "
+                        "pose error per epoch in history.json and logfile.pdf")
     p.add_argument("--dry-run", action="store_true", help="check inputs, write config.yaml, do not run")
 
 
@@ -164,6 +167,32 @@ def resume_mismatch(state: dict, cfg: AbinitConfig, fingerprint: dict) -> str:
     if old_in is not None and old_in != fingerprint:
         diff.append("input particles (" + ", ".join(k for k in fingerprint if old_in.get(k) != fingerprint[k]) + ")")
     return ", ".join(f"config {k}" if not k.startswith("input") else k for k in diff)
+
+
+def load_true_rotations(path: str, table) -> np.ndarray:
+    """Ground-truth RELION matrices (N, 3, 3) for the particles of ``table``, in the same order."""
+    from cryospin_relion.io.read import read_particles
+
+    true = read_particles(path, no_ctf=True, check_stacks=False)
+    if true.rotations is None:
+        raise InputError(f"{path}: rlnAngleRot: --true-poses has no poses")
+    if len(true) != len(table):
+        raise InputError(f"{path}: --true-poses: {len(true)} particles, the input has {len(table)}")
+    return true.rotations
+
+
+def record_pose_error(eng, truth: np.ndarray, max_n: int = 2000) -> None:
+    """Median/mean rotation error (deg, after the best global alignment incl. mirror) into eng.history."""
+    from cryospin_relion.evaluate.pose_error import pose_errors
+
+    R, _ = eng.final_poses()
+    idx = np.linspace(0, len(R) - 1, min(len(R), max_n)).astype(np.int64)
+    e = pose_errors(truth[idx], R[idx])["rotation_error_deg"]
+    pe = eng.history.setdefault("pose_error", {"epoch": [], "median_deg": [], "mean_deg": [], "stage": []})
+    pe["epoch"].append(eng.history["epoch"][-1])
+    pe["stage"].append(eng.history["stage"][-1])
+    pe["median_deg"].append(float(e["median"]))
+    pe["mean_deg"].append(float(e["mean"]))
 
 
 def to_particle_box(vol: np.ndarray, box: int) -> np.ndarray:
@@ -263,8 +292,12 @@ def _run(args, cfg: AbinitConfig, inp: Path, out: Path, log: logging.Logger) -> 
         _save_torch(dict(eng.state_dict(), input=fingerprint), ckpt)
         last_save[0] = time.monotonic()
 
+    truth = load_true_rotations(args.true_poses, table) if args.true_poses else None
+
     def on_epoch_end(eng) -> None:
         checkpoint(eng)
+        if truth is not None:
+            record_pose_error(eng, truth)
         _save_json(eng.history, out / "history.json")
 
     def after_batch() -> bool:
@@ -338,7 +371,7 @@ def _run(args, cfg: AbinitConfig, inp: Path, out: Path, log: logging.Logger) -> 
     if make_report is not None:
         try:
             make_report(out, fsc=hm.fsc, fsc_resolution_A=res, apix=apix_out, box=box, history=h, rotations=R,
-                        volume=hm.map, summary=summary)
+                        volume=hm.map, summary=summary, pose_error_history=h.get("pose_error"))
         except Exception as e:  # the report must never fail the run
             log.info(f"report not written: {type(e).__name__}: {e}")
     if args.json_summary:
