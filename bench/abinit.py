@@ -3,7 +3,8 @@
     python bench/abinit.py [--n 2000] [--box 32] [--snr 0.3] [--j 2] [--quick]
 
 Rows: the default config (``fast`` encoder), the ``paper`` encoder preset, L2 loss,
-no coarse-to-fine. Columns: wall time, FSC 0.5 resolution vs the truth after the best
+no coarse-to-fine, no stage-1 exploration (``explore_candidates: 0``, the reference
+winner-takes-all over the heads only); ``--rows`` picks some. Columns: wall time, FSC 0.5 resolution vs the truth after the best
 global alignment of the poses (incl. mirror and the map's 3D offset), median rotation
 error, peak memory (RSS). A second table compares stage-2 images/s with the bare
 slice + CTF + shift + loss forward/backward rate. A RELION InitialModel row can be
@@ -67,6 +68,7 @@ def main() -> None:
     p.add_argument("--snr", type=float, default=0.3)
     p.add_argument("--j", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="default row only")
+    p.add_argument("--rows", default="", help="comma-separated substrings of the row names to run")
     a = p.parse_args()
     torch.set_num_threads(a.j)
     d = simulate(a.box, a.n, apix=128.0 / a.box, snr=a.snr, seed=0)
@@ -75,7 +77,10 @@ def main() -> None:
     if not a.quick:
         rows_cfg += [("paper encoder", AbinitConfig(preset="paper")),
                      ("loss l2", AbinitConfig(loss="l2")),
-                     ("no coarse-to-fine", AbinitConfig(coarse_to_fine=False))]
+                     ("no coarse-to-fine", AbinitConfig(coarse_to_fine=False)),
+                     ("no exploration", AbinitConfig(explore_candidates=0))]
+    if a.rows:
+        rows_cfg = [r for r in rows_cfg if any(k in r[0] for k in a.rows.split(","))]
     rows = []
     for n, c in rows_cfg:
         rows.append(run_row(n, d, c))

@@ -55,6 +55,7 @@ class AbinitConfig:
     lr_encoder: float = 1e-3  # reference 1e-4 (tuned up for short CPU runs, see docs)
     lr_decoder: float = 0.2  # stage-1 volume lr (reference 5e-3; with exploration the volume must follow the
     # searched poses within a few epochs: at box 32, 0.02 and 0.05 stay in a wrong basin, 0.1-0.2 converge)
+    lr_decoder_decay: float = 0.8  # stage-1 volume lr factor per epoch (lr_decoder * decay^epoch; box 32: 10.3 -> 9.3 deg)
     lr_decoder_stage2: float = 1e-2  # stage-2 volume lr (reference 2e-3; raised like lr_decoder)
     lr_pose: float = 0.05  # stage-2 rotation perturbation lr, radians (reference)
     lr_shift: float = 0.05  # stage-2 shift lr, working-box pixels

@@ -4,9 +4,10 @@ Targets (from the brief): median rotation error < 10 deg after the best global a
 (incl. mirror) and FSC 0.5 vs the truth (backprojection with the aligned poses) below
 3x Nyquist, in under ~3 minutes on 2 cores.
 
-STATUS: not reached yet -- the amortized stage does not find the global pose structure
-within this budget (median error ~100 deg, see the report in bench/abinit.py), so the
-accuracy test is an expected failure (non-strict: it turns into a pass once fixed).
+Stage 1 finds the pose basin through its exploration candidates (engine/stage1.py); measured
+with the defaults on 2 cores: median error 9.3 deg, FSC 0.5 at 2.0x Nyquist, ~30 s (idle machine). Without
+exploration (``explore_candidates: 0``) the same run ends at ~100 deg. Note: another engine seed
+(seed 1) ends in a wrong basin (~43 deg) on this dataset; the test runs the default seed 0.
 """
 
 from __future__ import annotations
@@ -45,11 +46,11 @@ def test_e2e_runs_and_learns(result):
     assert h["loss"][-1] < h["loss"][0]
     assert h["switch_epoch"] is not None and 2 in h["stage"]
     assert result["wall"] < 300
+    share = h["winner_source_share"][0]
+    assert share is not None and abs(sum(share.values()) - 1) < 1e-9
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="amortized stage does not converge to the global pose optimum in the CPU budget yet",
-                   strict=False)
 def test_e2e_accuracy(result):
     assert result["median_deg"] < 10.0, result["median_deg"]
     assert result["res05"] < 3 * result["nyq"], (result["res05"], result["nyq"])

@@ -221,6 +221,10 @@ class AbinitEngine:
     def crop(self, epoch: int | None = None) -> int:
         return crop_for_epoch(self.cfg, self.box, self.epoch if epoch is None else epoch)
 
+    def lr_decoder_now(self) -> float:
+        """Stage-1 volume learning rate of the current epoch: lr_decoder * lr_decoder_decay^epoch."""
+        return self.cfg.lr_decoder * self.cfg.lr_decoder_decay ** self.epoch
+
     @property
     def total_epochs_max(self) -> int:
         if self.history["switch_epoch"] is not None:
@@ -257,6 +261,9 @@ class AbinitEngine:
                    leave=False, dynamic_ncols=True, unit="batch")
         if self.batch_pos == 0 and self.stage == 2:
             self.prev_R = self.table.rotations.clone()
+        if self.stage == 1:
+            for gr in self.opt_volume1.param_groups:
+                gr["lr"] = self.lr_decoder_now()
         try:
             for bi in range(self.batch_pos, len(batches)):
                 t0 = time.perf_counter()
@@ -315,7 +322,7 @@ class AbinitEngine:
         h["images_per_s"].append(a["count"] / max(a["time_s"], 1e-9))
         h["crop"].append(self.crop())
         h["lr_encoder"].append(cfg.lr_encoder if self.stage == 1 else 0.0)
-        h["lr_decoder"].append(cfg.lr_decoder if self.stage == 1 else cfg.lr_decoder_stage2)
+        h["lr_decoder"].append(self.lr_decoder_now() if self.stage == 1 else cfg.lr_decoder_stage2)
         h["lr_pose"].append(0.0 if self.stage == 1 else cfg.lr_pose)
         h["head_win_share"].append(share)
         h["head_wins"].append(list(a["wins"]) if self.stage == 1 else None)
