@@ -32,8 +32,12 @@ onto a few poses and the volume converges to a blurred, wrong map (measured:
 median rotation error ~100 deg at box 32, even with the true volume fixed). The
 exploration candidates are a cheap stochastic global search (like the random
 pose sampling of SGD-based ab-initio methods); the distillation lets the encoder
-amortise that search, so the amortized stage stays useful on short runs: heads
-that learn the image -> pose map win again and speed up later epochs.
+amortise that search, which is what keeps the amortized stage useful on short
+runs. Measured at box 32 (2,000 particles, SNR 0.3, CTF, shifts; defaults, end of
+stage 1): remembered poses 9.7 deg median error; the encoder head nearest to them
+35.6 deg with distillation, 81.5 deg without (distill_weight 0). On such short
+runs the search still wins almost every image (heads < 1%); the heads' poses are
+also seeds of the search, so a better encoder starts the search closer.
 """
 
 from __future__ import annotations
