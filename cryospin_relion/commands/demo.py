@@ -34,7 +34,8 @@ from cryospin_relion.errors import InputError
 # With the true poses, the full dataset reconstructs to Nyquist (FSC 0.5 vs the truth at
 # 2 x apix, measured); the limit is the pose accuracy of the ab-initio run.
 # Measured (2 cores, seed 0): 5000 particles at SNR 0.3 -> FSC 0.5 vs the truth at Nyquist, median rotation
-# error 3.5 deg, ~4 min in all; at SNR 0.1 (3000 particles) stage 1 does not find the poses (115 deg).
+# error 3.6 deg, 78 s in all (idle machine; 4 min under load); at SNR 0.15: FSC 0.5 at 1.4x Nyquist but
+# median error 39 deg; at SNR 0.1 (3000 particles) stage 1 does not find the poses (115 deg).
 FULL = {"n": 5000, "box": 32, "snr": 0.3, "heads": None, "epochs_amortized": None, "epochs_autodecode": None,
         "residues": 600, "rotations": 4608}
 QUICK = {"n": 120, "box": 32, "snr": 0.5, "heads": 2, "epochs_amortized": 1, "epochs_autodecode": 1,
