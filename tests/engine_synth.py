@@ -127,3 +127,18 @@ def backproject_fsc(images, R, t, apix, ctf, vol_true, chunk: int = 500) -> dict
     vol = reconstruct(acc)
     c = fsc(vol, vol_true)
     return {"map": vol, "fsc": c, "res05": resolution_at(c, n, apix, 0.5), "res0143": resolution_at(c, n, apix, 0.143)}
+
+
+def simulated_star(folder, n: int, map_seed: int, sim_seed: int):
+    """A small `cryospin simulate` dataset (box 16, 6 A/px, SNR 1) of a blob map; returns its particles.star."""
+    from pathlib import Path
+
+    from cryospin_relion import cli
+    from cryospin_relion.io.mrc import write_mrc
+
+    folder = Path(folder)
+    write_mrc(folder / "blob.mrc", blob_volume(16, seed=map_seed).float().numpy(), 6.0)
+    rc = cli.run(["simulate", "--map", str(folder / "blob.mrc"), "--o", str(folder / "sim"), "--n", str(n),
+                  "--box", "16", "--apix", "6", "--snr", "1", "--seed", str(sim_seed), "--quiet"])
+    assert rc == 0
+    return folder / "sim" / "particles.star"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,19 +17,12 @@ from cryospin_relion.config import AbinitConfig
 from cryospin_relion.errors import InputError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_synth import blob_volume  # noqa: E402
+from engine_synth import simulated_star  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def star(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sim")
-    from cryospin_relion.io.mrc import write_mrc
-
-    write_mrc(d / "blob.mrc", blob_volume(16, seed=1).float().numpy(), 6.0)
-    rc = cli.run(["simulate", "--map", str(d / "blob.mrc"), "--o", str(d / "sim"), "--n", "160", "--box", "16",
-                  "--apix", "6", "--snr", "1", "--seed", "2", "--quiet"])
-    assert rc == 0
-    return d / "sim" / "particles.star"
+    return simulated_star(tmp_path_factory.mktemp("sim"), n=160, map_seed=1, sim_seed=2)
 
 
 def test_config_yaml_roundtrip_and_errors(tmp_path):

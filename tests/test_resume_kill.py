@@ -26,7 +26,7 @@ import torch
 from cryospin_relion import cli
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_synth import blob_volume  # noqa: E402
+from engine_synth import simulated_star  # noqa: E402
 
 RUN = ["--quiet", "--heads", "2", "--epochs-amortized", "4", "--epochs-autodecode", "6", "--batch-size", "16",
        "--j", "1", "--seed", "5"]
@@ -34,14 +34,7 @@ RUN = ["--quiet", "--heads", "2", "--epochs-amortized", "4", "--epochs-autodecod
 
 @pytest.fixture(scope="module")
 def star(tmp_path_factory):
-    d = tmp_path_factory.mktemp("killsim")
-    from cryospin_relion.io.mrc import write_mrc
-
-    write_mrc(d / "blob.mrc", blob_volume(16, seed=3).float().numpy(), 6.0)
-    rc = cli.run(["simulate", "--map", str(d / "blob.mrc"), "--o", str(d / "sim"), "--n", "400", "--box", "16",
-                  "--apix", "6", "--snr", "1", "--seed", "4", "--quiet"])
-    assert rc == 0
-    return d / "sim" / "particles.star"
+    return simulated_star(tmp_path_factory.mktemp("killsim"), n=400, map_seed=3, sim_seed=4)
 
 
 def _cmd(star: Path, out: Path, cont: bool) -> list[str]:
