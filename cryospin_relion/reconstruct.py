@@ -72,10 +72,11 @@ def output_apix(table: ParticleTable, box: int, image_box: int | None = None) ->
     apix = np.asarray(table.apix, dtype=np.float64)
     if len(apix) == 0:
         raise InputError(f"{table.source_file}: no particles")
-    lo, hi = float(apix.min()), float(apix.max())
-    if hi > lo * 1.001:
-        raise InputError(f"{table.source_file}: rlnImagePixelSize: particles have different pixel sizes "
-                         f"({lo:g} to {hi:g} A); reconstruct them separately or rescale first")
+    from cryospin_relion.validate import pixel_size_problem
+
+    problem = pixel_size_problem(table)
+    if problem:
+        raise InputError(problem)
     ref = table.box or image_box
     if not ref:
         raise InputError(f"{table.source_file}: rlnImageSize: image size unknown")

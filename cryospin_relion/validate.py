@@ -25,9 +25,10 @@ def _image_field(table: ParticleTable) -> str:
     return "blob/path" if table.source_format == "cs" else "rlnImageName"
 
 
-def _pixel_size_problem(table: ParticleTable) -> str | None:
+def pixel_size_problem(table: ParticleTable) -> str | None:
+    """A message when the particles do not share one pixel size (one map needs one), else None."""
     a = np.asarray(table.apix, dtype=np.float64)
-    if len(a) and (a.max() - a.min()) > APIX_TOLERANCE * a.max():
+    if len(a) and a.max() > a.min() * (1 + APIX_TOLERANCE):
         groups = pd.Series(a).groupby(np.asarray(table.optics_group)).first()
         desc = ", ".join(f"group {g}: {v:.4g} A" for g, v in groups.items())
         field = "blob/psize_A" if table.source_format == "cs" else "rlnImagePixelSize"
@@ -92,7 +93,7 @@ def check_particles(
     resolved = [u if os.path.isfile(u) else None for u in uniq]
     problems += list(stack_problems(list(uniq), resolved, codes, np.asarray(table.stack_indices), str(path), field,
                                     int(table.box) or None, datadir is not None))
-    p = _pixel_size_problem(table)
+    p = pixel_size_problem(table)
     if p:
         problems.append(p)
     found = np.isin(codes, [k for k, r in enumerate(resolved) if r is not None])
