@@ -103,8 +103,7 @@ def check_particles(
 
 
 def _output_problems(out: Path) -> list[str]:
-    if out.exists() and not out.is_dir():
-        return [f"{out}: --o: exists and is not a folder"]
+    # (a file in the way of the folder is refused by the command before it creates the folder)
     parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(parent, os.W_OK | os.X_OK):
         return [f"{out}: --o: output folder is not writable"]
