@@ -54,6 +54,24 @@ def test_precedence_flags_over_yaml_over_defaults(tmp_path, star):
     assert "effective config" in (out / "run.log").read_text()
 
 
+def test_schedule_and_search_flags_reach_the_config(tmp_path, star):
+    out = tmp_path / "run"
+    rc = cli.run(["abinit", "--i", str(star), "--o", str(out), "--dry-run", "--quiet",
+                  "--explore-candidates", "0", "--explore-top", "3", "--explore-rounds", "2", "--explore-local", "5",
+                  "--explore-local-deg", "7.5", "--explore-shift", "0.5", "--distill-weight", "0.25",
+                  "--lr-decoder-decay", "0.9", "--min-epochs-amortized", "4", "--switch-threshold", "2",
+                  "--no-auto-switch", "--no-coarse-to-fine"])
+    assert rc == 0
+    eff = AbinitConfig.from_yaml(out / "config.yaml")
+    assert (eff.explore_candidates, eff.explore_top, eff.explore_rounds, eff.explore_local) == (0, 3, 2, 5)
+    assert (eff.explore_local_deg, eff.explore_shift_px, eff.distill_weight, eff.lr_decoder_decay) == (7.5, 0.5, 0.25, 0.9)
+    assert (eff.min_epochs_amortized, eff.switch_threshold_deg) == (4, 2.0)
+    assert eff.auto_switch is False and eff.coarse_to_fine is False
+    # a bad value names the flag's field
+    assert cli.run(["abinit", "--i", str(star), "--o", str(tmp_path / "r2"), "--dry-run", "--quiet",
+                    "--explore-top", "-1"]) == 2
+
+
 def test_bad_input_exit_2(tmp_path, star, capsys):
     assert cli.run(["abinit", "--i", str(tmp_path / "none.star"), "--o", str(tmp_path / "o")]) == 2
     assert cli.run(["abinit", "--i", str(star), "--o", str(tmp_path / "o2"), "--box", "15", "--dry-run"]) == 2

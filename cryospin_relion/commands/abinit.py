@@ -50,9 +50,15 @@ LOGGER = "cryospin.abinit"
 _FLAG_FIELDS = {
     "box": "box", "heads": "heads", "epochs_amortized": "epochs_amortized", "epochs_autodecode": "epochs_autodecode",
     "device": "device", "j": "threads", "seed": "seed", "max_shift": "max_shift", "batch_size": "batch_size",
-    "preset": "preset", "loss": "loss",
+    "preset": "preset", "loss": "loss", "min_epochs_amortized": "min_epochs_amortized",
+    "switch_threshold": "switch_threshold_deg", "explore_candidates": "explore_candidates",
+    "explore_top": "explore_top", "explore_rounds": "explore_rounds", "explore_local": "explore_local",
+    "explore_local_deg": "explore_local_deg", "explore_shift": "explore_shift_px",
+    "distill_weight": "distill_weight", "lr_decoder_decay": "lr_decoder_decay",
 }
 _BOOL_FIELDS = {"no_ctf": "no_ctf", "invert": "invert", "flip_hand": "flip_hand"}
+# flags that set a config field to False
+_OFF_FIELDS = {"no_auto_switch": "auto_switch", "no_coarse_to_fine": "coarse_to_fine"}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -84,6 +90,35 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "pose error per epoch in history.json and logfile.pdf")
     p.add_argument("--dry-run", action="store_true", help="check inputs, write config.yaml, do not run")
 
+    g = p.add_argument_group("schedule")
+    g.add_argument("--min-epochs-amortized", type=int, metavar="E",
+                   help=f"stage 1 lasts at least this many epochs (default {d.min_epochs_amortized})")
+    g.add_argument("--no-auto-switch", action="store_true",
+                   help="run all --epochs-amortized epochs of stage 1 (no early switch)")
+    g.add_argument("--switch-threshold", type=float, metavar="DEG",
+                   help="auto-switch once the median change of the winning pose between epochs is below "
+                        f"this (default {d.switch_threshold_deg})")
+    g.add_argument("--no-coarse-to-fine", action="store_true", help="work at the full working box from the start")
+
+    g = p.add_argument_group("stage-1 pose search (beyond the reference; docs/method.md)")
+    g.add_argument("--explore-candidates", type=int, metavar="N",
+                   help=f"global rotation candidates per image, 0 = the reference winner-takes-all over the "
+                        f"heads only (default {d.explore_candidates})")
+    g.add_argument("--explore-top", type=int, metavar="K",
+                   help=f"best global candidates re-scored with the loss (default {d.explore_top})")
+    g.add_argument("--explore-rounds", type=int, metavar="R",
+                   help=f"local refinement rounds (default {d.explore_rounds})")
+    g.add_argument("--explore-local", type=int, metavar="L",
+                   help=f"perturbations of the current best per round (default {d.explore_local})")
+    g.add_argument("--explore-local-deg", type=float, metavar="DEG",
+                   help=f"RMS angle of the first round's perturbations (default {d.explore_local_deg})")
+    g.add_argument("--explore-shift", type=float, metavar="PX",
+                   help=f"RMS shift jitter of the first round, working-box px (default {d.explore_shift_px})")
+    g.add_argument("--distill-weight", type=float, metavar="W",
+                   help=f"weight of the head-to-winner distillation term (default {d.distill_weight})")
+    g.add_argument("--lr-decoder-decay", type=float, metavar="F",
+                   help=f"stage-1 volume learning-rate factor per epoch (default {d.lr_decoder_decay})")
+
 
 def effective_config(args: argparse.Namespace, out_dir: Path) -> AbinitConfig:
     """defaults < (DIR/config.yaml when continuing without --config) < --config YAML < flags."""
@@ -95,6 +130,7 @@ def effective_config(args: argparse.Namespace, out_dir: Path) -> AbinitConfig:
         cfg = AbinitConfig()
     kw = {field: getattr(args, flag, None) for flag, field in _FLAG_FIELDS.items()}
     kw.update({field: True for flag, field in _BOOL_FIELDS.items() if getattr(args, flag, False)})
+    kw.update({field: False for flag, field in _OFF_FIELDS.items() if getattr(args, flag, False)})
     return cfg.override(**kw)
 
 
