@@ -49,6 +49,8 @@ class AbinitConfig:
     auto_switch: bool = True  # switch early once winning poses stop changing
     switch_threshold_deg: float = 3.0  # ... median change of winning pose between epochs below this
     epochs_autodecode: int = 6  # stage-2 (auto-decoding) epochs after the switch
+    stage1_particles: int = 3000  # stage 1 trains on a fixed random subset of this many particles (0 = all); the
+    # others get their first pose at the switch from the encoder's heads + the pose search (amortised inference)
     batch_size: int = 64
 
     # --- optimisation (reference values unless noted) ----------------------------------
@@ -70,6 +72,9 @@ class AbinitConfig:
     # explore_local perturbations (engine/stage1.py). The volume is trained by the overall winner; the
     # nearest head is pulled toward a winner that is not a head (distillation, distill_weight).
     explore_candidates: int = 4608  # global candidates (near-uniform rotation grid) per image; 0 = off (reference)
+    explore_grid_crop: int = 16  # Fourier box of the global scan (even; 0 = the epoch's box): coarse grid, low resolution
+    explore_shift_range: float = 3.0  # the global scan also tries shifts out to +- this many working-box px ...
+    explore_shift_step: float = 1.5  # ... on a square grid of this step (0 range = the remembered shift only)
     explore_top: int = 8  # best global candidates per image re-scored with the configured loss
     explore_rounds: int = 3  # local refinement rounds of the search (the perturbation halves each round)
     explore_local: int = 8  # perturbations of the current best per round
@@ -79,6 +84,9 @@ class AbinitConfig:
 
     # --- coarse-to-fine ----------------------------------------------------------------
     coarse_to_fine: bool = True  # work at a reduced Fourier box early (beyond the reference)
+    stage1_max_crop: int = 32  # with coarse_to_fine, stage 1 works at most at this Fourier box (px, even; 0 = the
+    # working box): the pose search needs only low resolution (~2 x apix x box / 32; cf. RELION's 15 A SGD limit)
+    c2f_stage2_epochs: int = 2  # stage-2 epochs to grow from the last stage-1 Fourier box to the working box
     c2f_start: float = 0.375  # first Fourier box as a fraction of the working box (12 at box 32: smoother search)
     c2f_epochs: int | None = None  # epochs to reach the full box; None = min_epochs_amortized + 1
 
@@ -110,9 +118,14 @@ class AbinitConfig:
             if getattr(self, name) < 1:
                 bad(name, f"{getattr(self, name)} must be >= 1")
         for name in ("epochs_amortized", "epochs_autodecode", "min_epochs_amortized", "vol_iters", "octaves", "threads",
-                     "explore_candidates", "explore_top", "explore_rounds", "explore_local"):
+                     "explore_candidates", "explore_top", "explore_rounds", "explore_local", "stage1_particles",
+                     "c2f_stage2_epochs"):
             if getattr(self, name) < 0:
                 bad(name, f"{getattr(self, name)} must be >= 0")
+        if self.explore_grid_crop and (self.explore_grid_crop < 8 or self.explore_grid_crop % 2):
+            bad("explore_grid_crop", f"{self.explore_grid_crop} must be 0 or an even number >= 8")
+        if self.stage1_max_crop and (self.stage1_max_crop < 8 or self.stage1_max_crop % 2):
+            bad("stage1_max_crop", f"{self.stage1_max_crop} must be 0 or an even number >= 8")
         if self.epochs_amortized < 1:
             bad("epochs_amortized", "at least one amortized epoch is needed to initialise the poses")
         if self.max_shift is not None and self.max_shift < 0:
@@ -124,7 +137,8 @@ class AbinitConfig:
         if len(self.pose_betas) != 2 or not all(0 <= b < 1 for b in self.pose_betas):
             bad("pose_betas", f"{self.pose_betas} must be two numbers in [0, 1)")
         for name in ("checkpoint_minutes", "lr_encoder", "lr_decoder", "lr_decoder_stage2", "lr_pose", "lr_shift", "switch_threshold_deg",
-                     "explore_local_deg", "explore_shift_px", "distill_weight"):
+                     "explore_local_deg", "explore_shift_px", "distill_weight", "explore_shift_range",
+                     "explore_shift_step"):
             if getattr(self, name) < 0:
                 bad(name, f"{getattr(self, name)} must be >= 0")
         return self

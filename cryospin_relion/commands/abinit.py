@@ -222,7 +222,8 @@ def record_pose_error(eng, truth: np.ndarray, max_n: int = 2000) -> None:
     from cryospin_relion.evaluate.pose_error import pose_errors
 
     R, _ = eng.final_poses()
-    idx = np.linspace(0, len(R) - 1, min(len(R), max_n)).astype(np.int64)
+    rows = eng.pose_rows().numpy()  # in stage 1 only the subset's poses are estimates
+    idx = rows[np.linspace(0, len(rows) - 1, min(len(rows), max_n)).astype(np.int64)]
     e = pose_errors(truth[idx], R[idx])["rotation_error_deg"]
     pe = eng.history.setdefault("pose_error", {"epoch": [], "median_deg": [], "mean_deg": [], "stage": []})
     pe["epoch"].append(eng.history["epoch"][-1])

@@ -68,6 +68,18 @@ def prepare_batch(idx: Tensor, images: Tensor, apix: Tensor, ctf_params: dict[st
     return Batch(idx, images, target.contiguous(), ctf, crop_mask(n, crop, mask_radius, images.device), n, crop)
 
 
+def recrop(batch: Batch, crop: int) -> Batch:
+    """The same batch at a smaller central Fourier box ``crop`` (even, <= batch.crop): target, CTF and mask
+    are the central crops of the batch's (the mask also keeps radius < crop / 2, as ``crop_mask``)."""
+    if crop >= batch.crop:
+        return batch
+    mask = crop_centered_2d(batch.mask[None].float(), crop)[0] > 0.5
+    mask &= radius_grid_2d(crop, device=mask.device) < crop / 2
+    ctf = None if batch.ctf is None else crop_centered_2d(batch.ctf, crop).contiguous()
+    return Batch(batch.idx, batch.images, crop_centered_2d(batch.target, crop).contiguous(), ctf, mask,
+                 batch.box, crop)
+
+
 def render(slices: Tensor, ctf: Tensor | None, shifts_px: Tensor, box: int) -> Tensor:
     """Model Hartley images from slices (K, c, c), CTF (K, c, c) or None, shifts (K, 2) at the full box."""
     c = slices.shape[-1]

@@ -19,16 +19,22 @@ is the M heads plus the result of a gradient-free search seeded by the remembere
 pose and the heads. ``explore_candidates: 0`` is the reference method (the memory
 then only records the winning heads).
 
-Switch (stage 1 -> 2): after ``epochs_amortized`` epochs, or earlier (at least
-``min_epochs_amortized``) once the median geodesic change of each image's
-remembered (winning) pose between two epochs is below ``switch_threshold_deg``.
-The pose table is initialised from the remembered poses without an extra
-inference pass (an extra pass would cost a whole epoch of encoder + M-slice
-forward work, and with exploration the remembered pose is at least as good as
-the heads' by construction).
+Stage-1 subset: stage 1 trains on a fixed random subset of ``stage1_particles``
+particles (all when N is smaller): finding the structure at low resolution does
+not need every particle, and stage-1 cost then no longer grows with N.
 
-Coarse-to-fine: epoch e works on the central c(e) x c(e) Fourier box,
-c(e) = c0 + (n - c0) * min(1, e / c2f_epochs), rounded to even, c0 = c2f_start * n.
+Switch (stage 1 -> 2): after ``epochs_amortized`` epochs, or earlier (at least
+``min_epochs_amortized``) once the median geodesic change of each subset image's
+remembered (winning) pose between two epochs is below ``switch_threshold_deg``.
+The pose table starts from the remembered poses; the particles outside the
+subset first get theirs in one gradient-free pass: the encoder's heads (the
+amortised inference the method is built on) seed the pose search against the
+current volume (``_assign_unvisited``).
+
+Coarse-to-fine: stage-1 epoch e works on the central c(e) x c(e) Fourier box,
+c(e) = c0 + (cap - c0) * min(1, e / c2f_epochs), rounded to even, c0 = c2f_start * cap,
+cap = min(n, stage1_max_crop); stage 2 grows from cap to n over c2f_stage2_epochs
+epochs (``crop_for_epoch``).
 
 Batches: epoch e visits the particles in the order randperm(N) seeded by
 (seed, e), split into ceil(N / batch_size) near-equal batches; a run stopped
@@ -67,15 +73,32 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def crop_for_epoch(cfg: AbinitConfig, box: int, epoch: int) -> int:
+def stage1_cap(cfg: AbinitConfig, box: int) -> int:
+    """Largest Fourier box of stage 1 (``stage1_max_crop``, with coarse-to-fine only)."""
+    if not cfg.coarse_to_fine or not cfg.stage1_max_crop:
+        return box
+    return min(box, cfg.stage1_max_crop)
+
+
+def crop_for_epoch(cfg: AbinitConfig, box: int, epoch: int, switch_epoch: int | None = None) -> int:
+    """Fourier box of epoch ``epoch`` (0-based); ``switch_epoch`` = stage-1 epochs once switched, else None.
+
+    Stage 1 grows linearly from c2f_start * cap to cap = min(box, stage1_max_crop) by epoch c2f_epochs
+    (default min_epochs_amortized + 1); stage 2 grows from cap to box over its first c2f_stage2_epochs."""
     if not cfg.coarse_to_fine:
         return box
-    c0 = max(8, int(round(cfg.c2f_start * box / 2)) * 2)
+    cap = stage1_cap(cfg, box)
+    if switch_epoch is not None and epoch >= switch_epoch:
+        k, E2 = epoch - switch_epoch, cfg.c2f_stage2_epochs
+        if cap >= box or E2 <= 0 or k + 1 >= E2:
+            return box
+        return min(box, int(round((cap + (box - cap) * (k + 1) / E2) / 2)) * 2)
+    c0 = max(8, int(round(cfg.c2f_start * cap / 2)) * 2)
     E = cfg.c2f_epochs if cfg.c2f_epochs is not None else cfg.min_epochs_amortized + 1
-    if c0 >= box or E <= 0 or epoch >= E:
-        return box
-    c = c0 + (box - c0) * epoch / E
-    return min(box, int(round(c / 2)) * 2)
+    if c0 >= cap or E <= 0 or epoch >= E:
+        return cap
+    c = c0 + (cap - c0) * epoch / E
+    return min(cap, int(round(c / 2)) * 2)
 
 
 def _epoch_order(seed: int, epoch: int, n: int, batch_size: int) -> list[Tensor]:
@@ -150,6 +173,13 @@ class AbinitEngine:
         else:
             self.win_R = torch.eye(3, device=self.device).repeat(self.N, 1, 1)
         self.win_t = torch.zeros(self.N, 2, device=self.device)
+        # stage 1 trains on a fixed random subset (all particles when stage1_particles is 0 or >= N)
+        S = config.stage1_particles
+        if 0 < S < self.N:
+            g1 = torch.Generator().manual_seed(int(config.seed) * 31 + 11)
+            self.s1_idx = torch.randperm(self.N, generator=g1)[:S].sort().values
+        else:
+            self.s1_idx = torch.arange(self.N)
         self._grid: Tensor | None = None  # near-uniform rotations of the global search (made on first use)
         self.prev_R: Tensor | None = None  # winning (stage 1) / table (stage 2) poses at the previous epoch end
         self.epoch = 0  # completed epochs
@@ -184,7 +214,9 @@ class AbinitEngine:
         if self._grid is None:
             self._grid = super_fibonacci_rotations(cfg.explore_candidates).to(self.device)
         return search_poses(self.volume, b, seeds_R, seeds_t, g, self._grid, cfg.explore_top, cfg.explore_rounds,
-                            cfg.explore_local, cfg.explore_local_deg, cfg.explore_shift_px, self.max_shift, cfg.loss)
+                            cfg.explore_local, cfg.explore_local_deg, cfg.explore_shift_px, self.max_shift, cfg.loss,
+                            grid_crop=cfg.explore_grid_crop, shift_range=cfg.explore_shift_range,
+                            shift_step=cfg.explore_shift_step)
 
     def _load_images(self, idx: Tensor) -> Tensor:
         ii = idx.numpy()
@@ -219,7 +251,11 @@ class AbinitEngine:
         return prepare_batch(idx, imgs, self.apix[idx], ctf, crop, self.cfg.mask_radius)
 
     def crop(self, epoch: int | None = None) -> int:
-        return crop_for_epoch(self.cfg, self.box, self.epoch if epoch is None else epoch)
+        return crop_for_epoch(self.cfg, self.box, self.epoch if epoch is None else epoch, self.history["switch_epoch"])
+
+    def pose_rows(self) -> Tensor:
+        """Rows whose current pose is an estimate: the stage-1 subset before the switch, all after."""
+        return self.s1_idx if self.stage == 1 else torch.arange(self.N)
 
     def lr_decoder_now(self) -> float:
         """Stage-1 volume learning rate of the current epoch: lr_decoder * lr_decoder_decay^epoch."""
@@ -230,6 +266,42 @@ class AbinitEngine:
         if self.history["switch_epoch"] is not None:
             return self.history["switch_epoch"] + self.cfg.epochs_autodecode
         return self.cfg.epochs_amortized + self.cfg.epochs_autodecode
+
+    @torch.no_grad()
+    def _assign_unvisited(self) -> None:
+        """First poses of the particles outside the stage-1 subset, against the current volume at the last
+        stage-1 Fourier box: the best of the encoder's heads (amortised inference; the reference switch) or,
+        with exploration, the pose search seeded by the heads (``explore``). Written into the pose memory."""
+        from tqdm import tqdm
+
+        from cryospin_relion.engine.stage1 import multihead_losses
+
+        cfg = self.cfg
+        mask = torch.ones(self.N, dtype=torch.bool)
+        mask[self.s1_idx] = False
+        rows = mask.nonzero()[:, 0]
+        c = self.crop()
+        batches = list(torch.tensor_split(rows, max(1, math.ceil(len(rows) / cfg.batch_size))))
+        was = self.encoder.training
+        self.encoder.eval()
+        try:
+            for bi, idx in enumerate(tqdm(batches, desc=f"first poses of {len(rows)} more particles, box {c}",
+                                          disable=not self.progress, leave=False, dynamic_ncols=True, unit="batch")):
+                b = self.batch(idx, c)
+                if cfg.explore_candidates > 0:
+                    ex = self.explore(b, 1_000_000 + bi)
+                    R, t = ex["rot"], ex["shift"]
+                else:
+                    per, rot, shift = multihead_losses(self.encoder, self.volume, b, cfg.loss)
+                    ar = torch.arange(len(idx), device=per.device)
+                    k = per.argmin(1)
+                    R, t = rot[ar, k], shift[ar, k]
+                self.win_R[b.idx] = R
+                self.win_t[b.idx] = t
+        finally:
+            self.encoder.train(was)
+        log.info(f"first poses of the {len(rows)} particles outside the stage-1 subset of {len(self.s1_idx)} "
+                 f"(encoder heads{' + pose search' if cfg.explore_candidates > 0 else ''}, box {c})")
 
     # -- the schedule ------------------------------------------------------------------
     def run(self, should_stop: Callable[[], bool] | None = None,
@@ -254,7 +326,10 @@ class AbinitEngine:
         from tqdm import tqdm
 
         cfg = self.cfg
-        batches = _epoch_order(cfg.seed, self.epoch, self.N, cfg.batch_size)
+        if self.stage == 1:
+            batches = [self.s1_idx[b] for b in _epoch_order(cfg.seed, self.epoch, len(self.s1_idx), cfg.batch_size)]
+        else:
+            batches = _epoch_order(cfg.seed, self.epoch, self.N, cfg.batch_size)
         c = self.crop()
         desc = f"epoch {self.epoch + 1}/{self.total_epochs_max} stage {self.stage} box {c}"
         bar = tqdm(total=len(batches), initial=self.batch_pos, desc=desc, disable=not self.progress,
@@ -305,7 +380,8 @@ class AbinitEngine:
         cfg, h, a = self.cfg, self.history, self.acc
         e = self.epoch
         if self.stage == 1:
-            change = (float(geodesic_distance_deg(self.prev_R.double(), self.win_R.double()).median())
+            rows = self.s1_idx.to(self.device)
+            change = (float(geodesic_distance_deg(self.prev_R[rows].double(), self.win_R[rows].double()).median())
                       if self.prev_R is not None else float("nan"))
             tot = max(1, sum(a["wins"]))
             share = [w / tot for w in a["wins"]]
@@ -335,6 +411,12 @@ class AbinitEngine:
                 cfg.auto_switch and n_done >= cfg.min_epochs_amortized and not math.isnan(change)
                 and change < cfg.switch_threshold_deg
             ):
+                if len(self.s1_idx) < self.N:
+                    t0 = time.perf_counter()
+                    self._assign_unvisited()
+                    h["assign_s"] = time.perf_counter() - t0
+                    h["time_s"][-1] += h["assign_s"]
+                    h["epoch_time_s"][-1] += h["assign_s"]
                 self.table.set(self.win_R, self.win_t)
                 self.stage = 2
                 h["switch_epoch"] = n_done

@@ -42,10 +42,12 @@ also seeds of the search, so a better encoder starts the search closer.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from cryospin_relion.engine.losses import Batch, per_image_loss, render
+from cryospin_relion.engine.losses import Batch, per_image_loss, recrop, render
 
 
 def multihead_losses(encoder, volume, batch: Batch, loss_kind: str = "l1", threads: int | None = None,
@@ -84,31 +86,50 @@ def super_fibonacci_rotations(n: int, dtype=torch.float32) -> Tensor:
 @torch.no_grad()
 def grid_scores(volume, batch: Batch, grid_rot: Tensor, shift: Tensor, grid: Tensor | None = None,
                 threads: int | None = None) -> Tensor:
-    """L2 losses (B, G) of every image against every rotation of ``grid_rot`` (G, 3, 3), each image at its
-    own ``shift`` (B, 2), up to a per-image constant.
+    """L2 losses (B, T, G) of every image against every rotation of ``grid_rot`` (G, 3, 3), each image at
+    each of its T shifts ``shift`` (B, T, 2) (or (B, 2): T = 1), up to a per-image constant.
 
     The Hartley shift is orthogonal on the (radially symmetric) mask, so ||shift_t(c S_r) - y||^2 =
-    ||c S_r - shift_-t(y)||^2 and the scores are two matrix products of the G slices with the B images:
-    sum_k c_i^2 S_r^2 - 2 sum_k c_i S_r y'_i (cheap enough to scan thousands of rotations per image)."""
+    ||c S_r - shift_-t(y)||^2 and the scores are two matrix products of the G slices with the B * T
+    shifted images: sum_k c_i^2 S_r^2 - 2 sum_k c_i S_r y'_it (cheap enough to scan thousands of rotations
+    times a few dozen shifts per image)."""
     from cryospin_relion.geometry.shifts import hartley_shift
 
+    if shift.ndim == 2:
+        shift = shift[:, None]
+    B, T = shift.shape[:2]
     S = volume.slices(grid_rot, crop=batch.crop, grid=grid, threads=threads)[:, batch.mask]  # (G, K)
-    y = hartley_shift(batch.target, -shift * (batch.crop / batch.box))[:, batch.mask]  # (B, K)
+    y = hartley_shift(batch.target.repeat_interleave(T, 0), -shift.reshape(B * T, 2) * (batch.crop / batch.box))
+    y = y[:, batch.mask].reshape(B, T, -1)  # (B, T, K)
     if batch.ctf is None:
-        return (S * S).sum(1)[None, :] - 2 * y @ S.T
-    c = batch.ctf[:, batch.mask]
-    return (c * c) @ (S * S).T - 2 * (c * y) @ S.T
+        return (S * S).sum(1)[None, None, :] - 2 * y @ S.T
+    c = batch.ctf[:, batch.mask]  # (B, K)
+    return ((c * c) @ (S * S).T)[:, None, :] - 2 * (c[:, None] * y) @ S.T
+
+
+def shift_offsets(half_range: float, step: float, device=None) -> Tensor:
+    """(T, 2) offsets of a square grid of ``step`` px out to +-half_range px (x, y); (1, 2) zeros if 0."""
+    if half_range <= 0 or step <= 0:
+        return torch.zeros(1, 2, device=device)
+    k = int(math.floor(half_range / step + 1e-6))
+    v = torch.arange(-k, k + 1, dtype=torch.float32, device=device) * step
+    gy, gx = torch.meshgrid(v, v, indexing="ij")
+    return torch.stack([gx.reshape(-1), gy.reshape(-1)], -1)
 
 
 @torch.no_grad()
 def search_poses(volume, batch: Batch, seed_rot: Tensor, seed_shift: Tensor, generator: torch.Generator,
                  grid_rot: Tensor, top: int, rounds: int, local_n: int, local_deg: float, shift_px: float,
-                 max_shift: float, loss_kind: str = "l1", threads: int | None = None, chunk: int = 8192) -> dict:
+                 max_shift: float, loss_kind: str = "l1", threads: int | None = None, chunk: int = 8192,
+                 grid_crop: int = 0, shift_range: float = 0.0, shift_step: float = 1.0) -> dict:
     """Stochastic pose search without gradient (the exploration candidate of each image of one batch).
 
     Global step: every rotation of ``grid_rot`` (G, 3, 3), turned by one random rotation per batch
-    (``grid_rot @ Q``), is scored with ``grid_scores`` (L2, at the image's first seed shift) and the ``top``
-    best per image are kept. Round 0 scores them together with the seeds (B, S) -- the remembered pose
+    (``grid_rot @ Q``), is scored with ``grid_scores`` (L2) at each shift of a square grid (``shift_step``
+    px, out to +-``shift_range`` px) around the image's first seed shift, the best shift is kept per
+    rotation, and the ``top`` best rotations per image are kept with their shifts; the scan is done at the Fourier box ``grid_crop`` when that is smaller than the
+    batch's (0 = the batch's): at low resolution a grid of ~15 degree spacing still ranks the right basin
+    first, and the scan costs grid_crop^2. Round 0 scores them together with the seeds (B, S) -- the remembered pose
     first, then e.g. the heads' poses -- with the configured loss; each of ``rounds`` refinement rounds
     scores ``local_n`` perturbations of the current best, so3_exp(w) @ R_best with w a random rotation
     vector of RMS angle local_deg / 2^r and the shift jittered by shift_px / 2^r (RMS), and keeps the best.
@@ -135,10 +156,12 @@ def search_poses(volume, batch: Batch, seed_rot: Tensor, seed_shift: Tensor, gen
     if grid_rot is not None and len(grid_rot) and top > 0:
         Q = random_rotations(1, generator, dtype=torch.float32)[0].to(dev)
         G = grid_rot.to(dev) @ Q
-        sc = grid_scores(volume, batch, G, seed_shift[:, 0], grid, threads)  # (B, G)
+        gb = recrop(batch, grid_crop) if grid_crop else batch
+        ts = (seed_shift[:, :1] + shift_offsets(shift_range, shift_step, dev)[None]).clamp(-max_shift, max_shift)
+        sc, jt = grid_scores(volume, gb, G, ts, grid, threads).min(1)  # (B, G): best shift per rotation
         kk = sc.topk(min(top, len(G)), dim=1, largest=False).indices
         Rc = torch.cat([seed_rot, G[kk]], 1)
-        tc = torch.cat([seed_shift, seed_shift[:, :1].expand(B, kk.shape[1], 2)], 1)
+        tc = torch.cat([seed_shift, torch.gather(ts, 1, jt.gather(1, kk)[..., None].expand(-1, -1, 2))], 1)
     per = score(Rc, tc)
     ar = torch.arange(B, device=dev)
     k = per.argmin(1)
