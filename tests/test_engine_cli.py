@@ -60,13 +60,17 @@ def test_schedule_and_search_flags_reach_the_config(tmp_path, star):
                   "--explore-candidates", "0", "--explore-top", "3", "--explore-rounds", "2", "--explore-local", "5",
                   "--explore-local-deg", "7.5", "--explore-shift", "0.5", "--distill-weight", "0.25",
                   "--lr-decoder-decay", "0.9", "--min-epochs-amortized", "4", "--switch-threshold", "2",
-                  "--no-auto-switch", "--no-coarse-to-fine"])
+                  "--no-auto-switch", "--no-coarse-to-fine", "--stage1-particles", "500", "--stage1-trials", "2",
+                  "--stage1-trial-epochs", "1", "--stage1-max-crop", "24", "--explore-grid-crop", "12",
+                  "--explore-shift-range", "0.1", "--explore-shift-step", "2"])
     assert rc == 0
     eff = AbinitConfig.from_yaml(out / "config.yaml")
     assert (eff.explore_candidates, eff.explore_top, eff.explore_rounds, eff.explore_local) == (0, 3, 2, 5)
     assert (eff.explore_local_deg, eff.explore_shift_px, eff.distill_weight, eff.lr_decoder_decay) == (7.5, 0.5, 0.25, 0.9)
     assert (eff.min_epochs_amortized, eff.switch_threshold_deg) == (4, 2.0)
     assert eff.auto_switch is False and eff.coarse_to_fine is False
+    assert (eff.stage1_particles, eff.stage1_trials, eff.stage1_trial_epochs, eff.stage1_max_crop) == (500, 2, 1, 24)
+    assert (eff.explore_grid_crop, eff.explore_shift_range, eff.explore_shift_step) == (12, 0.1, 2.0)
     # a bad value names the flag's field
     assert cli.run(["abinit", "--i", str(star), "--o", str(tmp_path / "r2"), "--dry-run", "--quiet",
                     "--explore-top", "-1"]) == 2

@@ -55,6 +55,10 @@ _FLAG_FIELDS = {
     "explore_top": "explore_top", "explore_rounds": "explore_rounds", "explore_local": "explore_local",
     "explore_local_deg": "explore_local_deg", "explore_shift": "explore_shift_px",
     "distill_weight": "distill_weight", "lr_decoder_decay": "lr_decoder_decay",
+    "stage1_particles": "stage1_particles", "stage1_trials": "stage1_trials",
+    "stage1_trial_epochs": "stage1_trial_epochs", "stage1_max_crop": "stage1_max_crop",
+    "explore_grid_crop": "explore_grid_crop", "explore_shift_range": "explore_shift_range",
+    "explore_shift_step": "explore_shift_step",
 }
 _BOOL_FIELDS = {"no_ctf": "no_ctf", "invert": "invert", "flip_hand": "flip_hand"}
 # flags that set a config field to False
@@ -99,11 +103,26 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="auto-switch once the median change of the winning pose between epochs is below "
                         f"this (default {d.switch_threshold_deg})")
     g.add_argument("--no-coarse-to-fine", action="store_true", help="work at the full working box from the start")
+    g.add_argument("--stage1-particles", type=int, metavar="N",
+                   help=f"stage 1 trains on a random subset of N particles, 0 = all (default {d.stage1_particles})")
+    g.add_argument("--stage1-trials", type=int, metavar="K",
+                   help=f"independent starts of stage 1; the lowest-loss one continues (default {d.stage1_trials})")
+    g.add_argument("--stage1-trial-epochs", type=int, metavar="E",
+                   help=f"epochs of each start before choosing (default {d.stage1_trial_epochs})")
+    g.add_argument("--stage1-max-crop", type=int, metavar="PX",
+                   help=f"largest Fourier box of stage 1, 0 = the working box (default {d.stage1_max_crop})")
 
     g = p.add_argument_group("stage-1 pose search (beyond the reference; docs/method.md)")
     g.add_argument("--explore-candidates", type=int, metavar="N",
                    help=f"global rotation candidates per image, 0 = the reference winner-takes-all over the "
                         f"heads only (default {d.explore_candidates})")
+    g.add_argument("--explore-grid-crop", type=int, metavar="PX",
+                   help=f"Fourier box of the global scan, 0 = the epoch's (default {d.explore_grid_crop})")
+    g.add_argument("--explore-shift-range", type=float, metavar="F",
+                   help=f"the global scan tries shifts out to +- F x working box around the remembered shift "
+                        f"(default {d.explore_shift_range})")
+    g.add_argument("--explore-shift-step", type=float, metavar="PX",
+                   help=f"step of that shift grid, working-box px (default {d.explore_shift_step})")
     g.add_argument("--explore-top", type=int, metavar="K",
                    help=f"best global candidates re-scored with the loss (default {d.explore_top})")
     g.add_argument("--explore-rounds", type=int, metavar="R",
@@ -226,6 +245,8 @@ def record_pose_error(eng, truth: np.ndarray, max_n: int = 2000) -> None:
     idx = rows[np.linspace(0, len(rows) - 1, min(len(rows), max_n)).astype(np.int64)]
     e = pose_errors(truth[idx], R[idx])["rotation_error_deg"]
     pe = eng.history.setdefault("pose_error", {"epoch": [], "median_deg": [], "mean_deg": [], "stage": []})
+    if pe["epoch"] and pe["epoch"][-1] == eng.history["epoch"][-1]:
+        return  # already recorded (the last epoch of the chosen stage-1 start)
     pe["epoch"].append(eng.history["epoch"][-1])
     pe["stage"].append(eng.history["stage"][-1])
     pe["median_deg"].append(float(e["median"]))
@@ -278,6 +299,7 @@ def _run(args, cfg: AbinitConfig, inp: Path, out: Path, log: logging.Logger) -> 
     if box < 8:
         raise InputError(f"{inp}: image box {table.box} is too small (working box {box} < 8)")
     cfg.box = box  # record the effective working box
+    had_config = (out / "config.yaml").is_file()
     cfg.to_yaml(out / "config.yaml")
     log.info(f"cryospin abinit: {len(table)} particles from {inp}, input box {table.box}, working box {box}, "
              f"device {device}, threads {torch.get_num_threads()}")
@@ -294,7 +316,10 @@ def _run(args, cfg: AbinitConfig, inp: Path, out: Path, log: logging.Logger) -> 
                           progress=not args.quiet)
     ckpt = out / CHECKPOINT
     fingerprint = input_fingerprint(inp, table)
-    if args.cont:
+    if args.cont and not ckpt.is_file() and had_config:
+        # killed before its first checkpoint (e.g. during the stage-1 starts): nothing to lose
+        log.info(f"--continue: no checkpoint yet in {out}; starting from the beginning")
+    elif args.cont:
         if not ckpt.is_file():
             raise InputError(f"{ckpt}: --continue: no checkpoint in the output folder")
         try:
@@ -339,12 +364,14 @@ def _run(args, cfg: AbinitConfig, inp: Path, out: Path, log: logging.Logger) -> 
 
     def after_batch() -> bool:
         """Polled by the engine after every batch (a consistent state): timed checkpoints, stop requests."""
-        if cfg.checkpoint_minutes > 0 and time.monotonic() - last_save[0] > 60 * cfg.checkpoint_minutes:
+        if (cfg.checkpoint_minutes > 0 and time.monotonic() - last_save[0] > 60 * cfg.checkpoint_minutes
+                and not engine.in_trials):  # a start of stage 1 is not resumable mid-way
             checkpoint(engine)
         return stop["sig"] is not None
 
     try:
-        status = engine.run(should_stop=after_batch, on_epoch_end=on_epoch_end)
+        status = engine.run(should_stop=after_batch, on_epoch_end=on_epoch_end,
+                            on_trial_epoch_end=(lambda eng: record_pose_error(eng, truth)) if truth is not None else None)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -423,6 +450,7 @@ def stage_times(history: dict) -> dict:
     t = {1: 0.0, 2: 0.0}
     for stage, dt in zip(history.get("stage", []), history.get("epoch_time_s", [])):
         t[int(stage)] = t.get(int(stage), 0.0) + float(dt or 0.0)
+    t[1] += float(history.get("trials", {}).get("dropped_s", 0.0))  # the stage-1 starts that were dropped
     return {"stage1_s": t[1], "stage2_s": t[2]}
 
 
