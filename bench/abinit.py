@@ -7,8 +7,8 @@ no coarse-to-fine, no stage-1 exploration (``explore_candidates: 0``, the refere
 winner-takes-all over the heads only); ``--rows`` picks some. Columns: wall time, FSC 0.5 resolution vs the truth after the best
 global alignment of the poses (incl. mirror and the map's 3D offset), median rotation
 error, peak memory (RSS). A second table compares stage-2 images/s with the bare
-slice + CTF + shift + loss forward/backward rate. A RELION InitialModel row can be
-added by running it on the same particles (not done here).
+slice + CTF + shift + loss forward/backward rate. The comparison with RELION's
+InitialModel, on particles projected by relion_project, is bench/abinit_vs_relion.py.
 """
 
 from __future__ import annotations

@@ -275,3 +275,94 @@ def test_super_fibonacci_is_near_uniform():
     probe = random_rotations(200, torch.Generator().manual_seed(0))
     nearest = geodesic_distance_deg(probe[:, None], R[None]).min(1).values
     assert float(nearest.max()) < 20.0  # covering radius of ~1000 near-uniform rotations is ~12 deg
+
+
+# -- stage-1 subset, starts, low-resolution scan over rotations x shifts --------------------------------
+
+def test_recrop_equals_a_batch_prepared_at_the_smaller_box(tiny):
+    from cryospin_relion.engine.losses import recrop
+
+    idx = torch.arange(5)
+    big, small = _batch(tiny, idx, 16), _batch(tiny, idx, 10)
+    r = recrop(big, 10)
+    assert r.crop == 10 and torch.equal(r.mask, small.mask)
+    assert torch.allclose(r.target, small.target, atol=1e-6)
+    assert torch.allclose(r.ctf, small.ctf, atol=1e-6)
+    assert recrop(big, 16) is big
+
+
+def test_grid_scores_over_shifts_rank_like_the_l2_loss(tiny):
+    """grid_scores (B, T, G) = K * per-image L2 loss + a per-image constant, for every rotation and shift."""
+    from cryospin_relion.engine.losses import per_image_loss, render
+    from cryospin_relion.engine.stage1 import grid_scores, shift_offsets
+
+    n = 16
+    vol = _true_volume(tiny, n)
+    b = _batch(tiny, torch.arange(3), 12)
+    G = random_rotations(5, torch.Generator().manual_seed(1), dtype=torch.float32)
+    ts = tiny["t"][:3, None].float() + shift_offsets(1.0, 1.0)[None]  # (3, 9, 2)
+    assert ts.shape == (3, 9, 2)
+    sc = grid_scores(vol, b, G, ts)  # (3, 9, 5)
+    K = int(b.mask.sum())
+    for i in range(3):
+        sl = vol.slices(G, crop=12)
+        ref = torch.stack([per_image_loss(render(sl, b.ctf[i:i + 1].expand(5, -1, -1), ts[i, t][None].expand(5, 2), n),
+                                          b.target[i:i + 1], b.mask, "l2") for t in range(9)])  # (9, 5)
+        diff = sc[i] - K * ref
+        assert float(diff.max() - diff.min()) < 1e-3 * float(sc[i].abs().max())
+    # the true pose at the true shift scores best among the 9 shifts
+    sc_true = grid_scores(vol, _batch(tiny, torch.arange(1), 12), tiny["R"][:1].float(), ts[:1])
+    assert int(sc_true[0, :, 0].argmin()) == 4  # offset (0, 0)
+
+
+def test_stage_two_grows_the_fourier_box():
+    cfg = AbinitConfig(stage1_max_crop=32, c2f_stage2_epochs=2, c2f_start=0.375, c2f_epochs=4)
+    assert [crop_for_epoch(cfg, 64, e) for e in range(6)] == [12, 16, 22, 28, 32, 32]  # capped at 32
+    assert [crop_for_epoch(cfg, 64, e, switch_epoch=5) for e in (5, 6, 7)] == [48, 64, 64]
+    assert crop_for_epoch(AbinitConfig(), 32, 0, switch_epoch=0) == 32  # box <= cap: full box in stage 2
+
+
+def test_stage1_subset_and_first_poses_of_the_others(tiny):
+    eng = AbinitEngine(tiny["images"], tiny["apix"], tiny["ctf"], _cfg(stage1_particles=40, stage1_trials=1),
+                       "cpu", progress=False)
+    assert len(eng.s1_idx) == 40 and len(torch.unique(eng.s1_idx)) == 40
+    R0 = eng.win_R.clone()
+    out = torch.ones(eng.N, dtype=torch.bool)
+    out[eng.s1_idx] = False
+    seen = []
+    orig = eng.batch
+
+    def spy(idx, crop):
+        if eng.stage == 1 and not eng.in_trials:
+            seen.append(idx.clone())
+        return orig(idx, crop)
+
+    eng.batch = spy
+    assert eng.run() == "done"
+    # stage-1 batches only held subset particles until the first-pose pass at the switch
+    first = torch.cat(seen[:2])
+    assert bool(torch.isin(first, eng.s1_idx).all())
+    # every particle outside the subset got a pose from the pass (not its random start)
+    assert float(geodesic_distance_deg(R0[out].double(), eng.table.rotations[out].double()).min()) > 0
+    assert "assign_s" in eng.history
+
+
+def test_several_starts_keep_the_lowest_loss(tiny):
+    cfg = _cfg(stage1_trials=3, stage1_trial_epochs=1, epochs_amortized=3, min_epochs_amortized=3)
+    eng = AbinitEngine(tiny["images"], tiny["apix"], tiny["ctf"], cfg, "cpu", progress=False)
+    seen = []
+    assert eng.run(on_trial_epoch_end=lambda e: seen.append((e.trial, e.history["loss"][-1]))) == "done"
+    tr = eng.history["trials"]
+    assert [t for t, _ in seen] == [0, 1, 2] and tr["loss"] == [l for _, l in seen]
+    assert tr["chosen"] == int(np.argmin(tr["loss"])) == eng.trial
+    assert eng.history["loss"][0] == tr["loss"][tr["chosen"]]  # the chosen start's own first epoch
+    # a stop during the starts resets the engine to the beginning (nothing half-chosen is checkpointed)
+    eng2 = AbinitEngine(tiny["images"], tiny["apix"], tiny["ctf"], cfg, "cpu", progress=False)
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] >= 4  # in the second start
+
+    assert eng2.run(should_stop=stop) == "stopped"
+    assert (eng2.epoch, eng2.batch_pos, eng2.trial, eng2.history["epoch"]) == (0, 0, 0, [])

@@ -59,7 +59,7 @@ from cryospin_relion.config import AbinitConfig
 from cryospin_relion.engine.losses import prepare_batch
 from cryospin_relion.engine.stage1 import search_poses, stage1_step, super_fibonacci_rotations
 from cryospin_relion.engine.stage2 import stage2_step
-from cryospin_relion.geometry.fourier import ht2_centered
+from cryospin_relion.geometry.fourier import fourier_crop_2d, ht2_centered
 from cryospin_relion.geometry.rotations import geodesic_distance_deg, random_rotations
 from cryospin_relion.model.encoder import PoseEncoder
 from cryospin_relion.model.pose_table import PoseTable
@@ -159,6 +159,9 @@ class AbinitEngine:
         self.max_shift = config.shift_bound(self.box)
         self.table = PoseTable(self.N, self.device, config.lr_pose, config.lr_shift, config.pose_betas, max_shift=self.max_shift)
         self._radial = self._radial_scale()
+        # the encoder sees the images Fourier-cropped to stage 1's largest Fourier box: stage 1 resolves
+        # nothing finer, and the CNN costs box^2 (the paper preset 4x less at box 64)
+        self.encoder_box = stage1_cap(config, self.box)
         self.trial = 0  # which stage-1 start (``stage1_trials``) the model comes from
         self.in_trials = False  # true while the stage-1 starts run (their state is not resumable)
         self._init_model(0)
@@ -188,7 +191,7 @@ class AbinitEngine:
         self.trial = trial
         ms = self.model_seed(trial)
         torch.manual_seed(ms)
-        self.encoder = PoseEncoder(n, cfg.heads, self.max_shift, cfg.preset, cfg.octaves).to(self.device)
+        self.encoder = PoseEncoder(self.encoder_box, cfg.heads, self.max_shift, cfg.preset, cfg.octaves).to(self.device)
         self.volume = HartleyVolume(n, cfg.volume_param, cfg.mask_radius, self._radial).to(self.device)
         self.opt_encoder = torch.optim.Adam(self.encoder.parameters(), lr=cfg.lr_encoder)
         self.opt_volume1 = torch.optim.Adam(self.volume.parameters(), lr=cfg.lr_decoder)
@@ -262,7 +265,10 @@ class AbinitEngine:
         idx = idx.to(self.device)
         imgs = self._load_images(idx.cpu())
         ctf = None if self.ctf is None else {k: v[idx] for k, v in self.ctf.items()}
-        return prepare_batch(idx, imgs, self.apix[idx], ctf, crop, self.cfg.mask_radius)
+        b = prepare_batch(idx, imgs, self.apix[idx], ctf, crop, self.cfg.mask_radius)
+        if self.stage == 1 and self.encoder_box < self.box:
+            b.images = fourier_crop_2d(b.images, self.encoder_box)  # the encoder's input (see __init__)
+        return b
 
     def crop(self, epoch: int | None = None) -> int:
         return crop_for_epoch(self.cfg, self.box, self.epoch if epoch is None else epoch, self.history["switch_epoch"])
