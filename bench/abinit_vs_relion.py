@@ -209,28 +209,22 @@ def row_relion(work: Path, j: int, iters: tuple[int, int, int], diameter: float,
 
 
 def bare_rate(box: int, j: int, batch: int = 64, reps: int = 10) -> float:
-    """Images/s of one slice + CTF + shift + L1 forward/backward (volume and poses) at ``box``."""
+    """Images/s of one slice + CTF + shift + L1 forward/backward (volume and poses) at ``box``
+    (``bench/abinit.py``'s measurement, on a small simulated batch)."""
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "bench"))
+    from abinit import bare_rate as engine_bare_rate
     from engine_synth import simulate
 
     from cryospin_relion.config import AbinitConfig
-    from cryospin_relion.engine.losses import per_image_loss, render
     from cryospin_relion.engine.run import AbinitEngine
 
     torch.set_num_threads(j)
     d = simulate(box, batch, apix=4.0, snr=0.1, seed=0)
     eng = AbinitEngine(d["images"], d["apix"], d["ctf"], AbinitConfig(), "cpu", progress=False)
-    b = eng.batch(torch.arange(batch), eng.box)
-    R = d["R"].float().requires_grad_()
-    t = d["t"].float().requires_grad_()
-    per_image_loss(render(eng.volume.slices(R), b.ctf, t, eng.box), b.target, b.mask, "l1").sum().backward()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        per = per_image_loss(render(eng.volume.slices(R), b.ctf, t, eng.box), b.target, b.mask, "l1")
-        per.sum().backward()
-    return batch * reps / (time.perf_counter() - t0)
+    return engine_bare_rate(eng, d, batch, reps)
 
 
 def main() -> None:
@@ -282,7 +276,7 @@ def main() -> None:
 
 
 def report(rows: dict, a: argparse.Namespace) -> None:
-    apix = a.box and MAP_APIX * 65 / a.box
+    apix = MAP_APIX * 65 / a.box
     limit = rows.get("true poses (limit)", {}).get("res_poses")
     relion_wall = rows.get("RELION InitialModel", {}).get("wall_s")
     print(f"\nN={a.n} box={a.box} apix={apix:.4f} A SNR={a.snr} threads={a.j}; Nyquist {2 * apix:.2f} A")

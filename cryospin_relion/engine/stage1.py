@@ -137,8 +137,6 @@ def search_poses(volume, batch: Batch, seed_rot: Tensor, seed_shift: Tensor, gen
     the best candidate and its source (B,): 0 = a seed other than the first, 1 = the first seed (memory),
     2 = a refinement, 3 = a global candidate.
     """
-    import math
-
     from cryospin_relion.geometry.rotations import random_rotations, so3_exp
 
     grid = volume.grid().detach()
