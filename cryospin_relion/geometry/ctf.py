@@ -14,7 +14,10 @@ protein-positive images stay positive at low frequency.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -86,3 +89,46 @@ def ctf_2d(box: int, apix: Tensor, params: dict[str, Tensor], dtype=torch.float3
     keys = ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast", "phase_shift", "bfactor", "scale")
     kw = {k: params[k].to(device=device, dtype=dtype) for k in keys if k in params and params[k] is not None}
     return ctf_from_freqs(fx * inv, fy * inv, **kw)
+
+
+CTF_FIELDS = ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast", "phase_shift", "bfactor",
+              "scale")
+
+
+@dataclass(frozen=True)
+class CTF:
+    """Per-image CTF parameters as tensors of shape (N,), RELION units (see the module docstring).
+
+    The one typed record the engine, the backprojection and the simulator pass around; the
+    optional fields (phase shift, B-factor, scale) are None when absent.
+    """
+
+    defocus_u: Tensor  # A
+    defocus_v: Tensor  # A
+    defocus_angle: Tensor  # degrees
+    voltage: Tensor  # kV
+    cs: Tensor  # mm
+    amp_contrast: Tensor  # fraction
+    phase_shift: Tensor | None = None  # degrees
+    bfactor: Tensor | None = None  # A^2
+    scale: Tensor | None = None
+
+    @classmethod
+    def from_arrays(cls, params: Mapping[str, object], dtype=torch.float32) -> "CTF":
+        """From a mapping of (N,) arrays/tensors with the field names (e.g. ``CTFParams.as_dict()``)."""
+        return cls(**{k: torch.as_tensor(np.asarray(params[k]) if not isinstance(params[k], Tensor) else params[k],
+                                         dtype=dtype)
+                      for k in CTF_FIELDS if params.get(k) is not None})
+
+    def items(self):
+        """(name, tensor) of the fields that are set."""
+        return [(k, getattr(self, k)) for k in CTF_FIELDS if getattr(self, k) is not None]
+
+    def __getitem__(self, idx) -> "CTF":
+        return CTF(**{k: v[idx] for k, v in self.items()})
+
+    def to(self, device=None, dtype=None) -> "CTF":
+        return CTF(**{k: v.to(device=device, dtype=dtype) for k, v in self.items()})
+
+    def __len__(self) -> int:
+        return int(self.defocus_u.shape[0])
