@@ -1,5 +1,8 @@
 """The ``cryospin`` entry point: one subcommand per module in ``commands/``.
 
+Command ``NAME`` is the module ``cryospin_relion.commands.<NAME with '-' -> '_'>``,
+with ``add_args(parser)`` and ``main(args)``; its docstring is the help text.
+
 Exit codes: 0 success, 2 bad input (one line per problem, no traceback),
 1 internal failure, 130 interrupted.
 """
@@ -9,39 +12,27 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from types import ModuleType
 
 from cryospin_relion import __version__
 from cryospin_relion.errors import InputError
 
-# name -> module under cryospin_relion.commands; each has add_args(parser) and main(args)
-COMMANDS = {
-    "abinit": "abinit",
-    "reconstruct": "reconstruct",
-    "project": "project",
-    "convert": "convert",
-    "info": "info",
-    "simulate": "simulate",
-    "compare": "compare",
-    "demo": "demo",
-    "flip-hand": "flip_hand",
-}
+# the commands, in the order ``cryospin --help`` lists them
+COMMANDS = ("abinit", "reconstruct", "project", "convert", "info", "simulate", "compare", "demo", "flip-hand")
 
 
-def _available(only: str | None = None) -> dict[str, object]:
-    """Import the command modules (only ``only`` when given: torch-heavy imports cost seconds)."""
-    mods = {}
-    for name, modname in COMMANDS.items():
-        if only is not None and name != only:
-            continue
-        try:
-            mods[name] = importlib.import_module(f"cryospin_relion.commands.{modname}")
-        except ModuleNotFoundError as e:  # a command not built yet
-            if e.name != f"cryospin_relion.commands.{modname}":
-                raise
-    return mods
+def command_argv(name: str) -> list[str]:
+    """argv that runs ``cryospin NAME`` in a fresh Python with this interpreter (no PATH lookup)."""
+    return [sys.executable, "-m", "cryospin_relion.cli", name]
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"cryospin_relion.commands.{name.replace('-', '_')}")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``cryospin`` parser with every command, or only ``only`` (the command modules are
+    imported here, and the torch-heavy ones cost seconds: ``run`` imports just the one it runs)."""
     parser = argparse.ArgumentParser(
         prog="cryospin",
         description="cryoSPIN ab-initio cryo-EM reconstruction for RELION and cryoSPARC data.",
@@ -49,7 +40,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cryospin {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, mod in _available(only).items():
+    for name in COMMANDS if only is None else (only,):
+        mod = _module(name)
         doc = (mod.__doc__ or "").strip().splitlines()
         p = sub.add_parser(name, help=doc[0] if doc else None, description=(mod.__doc__ or "").strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,7 +1,20 @@
-"""Configuration of ``cryospin abinit``: one dataclass with documented defaults.
+"""Configuration of ``cryospin abinit``: sections of typed, documented options.
 
 Precedence: command-line flags > YAML file (``--config``) > the defaults below.
-The effective configuration is written to ``DIR/config.yaml`` by the command.
+The effective configuration is written to ``DIR/config.yaml`` by the run.
+
+The sections (``data``, ``model``, ``schedule``, ``optim``, ``search``, ``run``) group
+the options for the code; files and flags stay flat: every option has one
+name, unique over all sections, used as it is in YAML (``heads: 7``) and, for
+the options that have one, as a flag (``--heads 7``). Each field's metadata
+holds its help text, its flag, and whether it may change on ``--continue``,
+so the flags and the resumable set are derived here, never kept by hand.
+
+Types are checked exactly against the annotations: a boolean is ``true`` or
+``false`` (not ``1``, ``"yes"`` or ``[false]``), an integer is not a float or a
+boolean, a float is finite (NaN and infinity are refused), a choice is one of
+its ``Literal`` values. Anything else is an ``InputError`` naming the source
+and the option.
 
 Units: ``box`` and ``max_shift`` are in pixels of the *working* box (the images
 are Fourier-cropped from the input box to ``box``); learning rates are Adam
@@ -12,168 +25,283 @@ pixels for the stage-2 shifts, preconditioned Hartley values for the volume).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field, fields
+import math
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Literal
 
 from cryospin_relion.errors import InputError
 
-PRESETS = ("fast", "paper")
-LOSSES = ("l1", "l2")
-VOLUME_PARAMS = ("linear", "expmant")
-DEVICES = ("auto", "cpu", "cuda")
+Preset = Literal["fast", "paper"]
+Loss = Literal["l1", "l2"]
+VolumeParam = Literal["linear", "expmant"]
+Device = Literal["auto", "cpu", "cuda"]
+
+GROUP_MAIN, GROUP_SCHEDULE, GROUP_SEARCH = None, "schedule", "stage-1 pose search (beyond the reference; docs/method.md)"
 
 
-@dataclass
-class AbinitConfig:
-    # --- data / working box ------------------------------------------------------
-    box: int | None = None  # working box (even); None = input box, capped at max_box
-    max_box: int = 64  # cap for the automatic working box
-    invert: bool = False  # multiply images by -1 (use for protein-black data without a sign flag)
-    no_ctf: bool = False  # ignore the CTF (phase-flipped or simulated data without CTF)
+def opt(default: Any, help: str, *, flag: str | bool = False, metavar: str | None = None, off_flag: str | None = None,
+        resumable: bool = False, group: str | None = GROUP_MAIN) -> Any:
+    """A config field with its documentation.
 
-    # --- model ---------------------------------------------------------------------
-    preset: str = "fast"  # encoder size: fast (CPU) or paper (64-128-256-256-256)
-    heads: int = 4  # pose heads M (reference: 7 synthetic, 15 experimental)
-    octaves: int = 4  # Gaussian-pyramid octaves stacked as encoder channels (reference 4)
-    max_shift: float | None = None  # bound on |shift| per axis in working-box px; None = 0.1 * box
-    volume_param: str = "linear"  # Hartley voxel values: linear or expmant (mantissa * exp(exponent))
-    mask_radius: float = 1.0  # radial frequency mask, fraction of the working-box Nyquist
+    Args:
+        help: the help text; ``{default}`` is replaced by the default.
+        flag: True = a flag named after the field (``_`` -> ``-``), a string = that flag name, False = none.
+        off_flag: for a boolean that defaults to True, the flag that sets it to False (``no-auto-switch``).
+        resumable: the option may change between a checkpoint and ``--continue`` (length of the schedule,
+            hardware, what is done with the result), the others may not.
+    """
+    meta = {"help": help, "flag": flag, "metavar": metavar, "off_flag": off_flag, "resumable": resumable,
+            "group": group}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
-    # --- loss ------------------------------------------------------------------------
-    loss: str = "l1"  # l1 (reference) or l2 (Gaussian)
 
-    # --- schedule --------------------------------------------------------------------
-    epochs_amortized: int = 10  # maximum stage-1 (auto-encoding) epochs
-    min_epochs_amortized: int = 7  # stage 1 lasts at least this many epochs
-    auto_switch: bool = True  # switch early once winning poses stop changing
-    switch_threshold_deg: float = 3.0  # ... median change of winning pose between epochs below this
-    epochs_autodecode: int = 6  # stage-2 (auto-decoding) epochs after the switch
-    stage1_trials: int = 3  # independent starts of stage 1; the one with the lowest loss after stage1_trial_epochs
-    stage1_trial_epochs: int = 3  # epochs continues, the others are dropped (1 = a single start)
-    stage1_particles: int = 3000  # stage 1 trains on a fixed random subset of this many particles (0 = all); the
-    # others get their first pose at the switch from the encoder's heads + the pose search (amortised inference)
-    batch_size: int = 64
+@dataclass(frozen=True)
+class DataConfig:
+    """What is read: the working box and how the images are taken."""
 
-    # --- optimisation (reference values unless noted) ----------------------------------
-    lr_encoder: float = 1e-3  # reference 1e-4 (tuned up for short CPU runs, see docs)
-    lr_decoder: float = 0.2  # stage-1 volume lr (reference 5e-3; with exploration the volume must follow the
-    # searched poses within a few epochs: at box 32, 0.02 and 0.05 stay in a wrong basin, 0.1-0.2 converge)
-    lr_decoder_decay: float = 0.8  # stage-1 volume lr factor per epoch (lr_decoder * decay^epoch; box 32: 10.3 -> 9.3 deg)
-    lr_decoder_stage2: float = 1e-2  # stage-2 volume lr (reference 2e-3; raised like lr_decoder)
-    lr_pose: float = 0.05  # stage-2 rotation perturbation lr, radians (reference)
-    lr_shift: float = 0.05  # stage-2 shift lr, working-box pixels
-    pose_betas: list = field(default_factory=lambda: [0.9, 0.9])  # reference
-    pose_iters: int = 5  # pose steps per batch in stage 2 (reference)
-    vol_iters: int = 1  # volume steps per batch in stage 2 (reference)
+    box: int | None = opt(None, "working box in pixels, even (default min(input box, max_box))", flag=True)
+    max_box: int = opt(64, "cap for the automatic working box")
+    invert: bool = opt(False, "invert the image contrast (protein black -> white)", flag=True)
+    no_ctf: bool = opt(False, "ignore the CTF", flag=True)
 
-    # --- stage-1 exploration (beyond the reference; explore_candidates: 0 = the pure reference WTA) ----
-    # Each image's winner-takes-all candidate set = the M heads + the best pose of a gradient-free search
-    # seeded by its remembered best pose and the heads: a scan of explore_candidates near-uniform rotations
-    # (randomly turned each batch) whose explore_top best are re-scored, then explore_rounds rounds of
-    # explore_local perturbations (engine/stage1.py). The volume is trained by the overall winner; the
-    # nearest head is pulled toward a winner that is not a head (distillation, distill_weight).
-    explore_candidates: int = 4608  # global candidates (near-uniform rotation grid) per image; 0 = off (reference)
-    explore_grid_crop: int = 16  # Fourier box of the global scan (even; 0 = the epoch's box): coarse grid, low resolution
-    explore_shift_range: float = 0.05  # the global scan also tries shifts out to +- this fraction of the working box
-    # around the remembered shift (picking errors scale with the particle, i.e. the box; 0 = remembered shift only;
-    # measured: 0 -> 32% of new particles within 10 deg at box 64, 0.05 -> 88%; 0.1 fails at box 32) ...
-    explore_shift_step: float = 1.5  # ... on a square grid of this step in working-box px
-    explore_top: int = 8  # best global candidates per image re-scored with the configured loss
-    explore_rounds: int = 3  # local refinement rounds of the search (the perturbation halves each round)
-    explore_local: int = 8  # perturbations of the current best per round
-    explore_local_deg: float = 10.0  # RMS angle of the first round's perturbations
-    explore_shift_px: float = 1.0  # RMS shift jitter of the first round, working-box pixels
-    distill_weight: float = 1.0  # weight of the head -> winner distillation term
-
-    # --- coarse-to-fine ----------------------------------------------------------------
-    coarse_to_fine: bool = True  # work at a reduced Fourier box early (beyond the reference)
-    stage1_max_crop: int = 32  # with coarse_to_fine, stage 1 works at most at this Fourier box (px, even; 0 = the
-    # working box): the pose search needs only low resolution (~2 x apix x box / 32; cf. RELION's 15 A SGD limit)
-    c2f_stage2_epochs: int = 2  # stage-2 epochs to grow from the last stage-1 Fourier box to the working box
-    c2f_start: float = 0.375  # first Fourier box as a fraction of the working box (12 at box 32: smoother search)
-    c2f_epochs: int | None = None  # epochs to reach the full box; None = min_epochs_amortized + 1
-
-    # --- run -------------------------------------------------------------------------------
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # CPU threads; 0 = torch default
-    flip_hand: bool = False  # mirror the result (poses and maps)
-    checkpoint_minutes: float = 10.0  # also checkpoint mid-epoch after this many minutes (0 = epochs only)
-
-    # ------------------------------------------------------------------------------------
-    def validate(self, source: str = "config") -> "AbinitConfig":
-        def bad(name, msg):
-            raise InputError(f"{source}: {name}: {msg}")
-
-        if self.preset not in PRESETS:
-            bad("preset", f"'{self.preset}' is not one of {', '.join(PRESETS)}")
-        if self.loss not in LOSSES:
-            bad("loss", f"'{self.loss}' is not one of {', '.join(LOSSES)}")
-        if self.volume_param not in VOLUME_PARAMS:
-            bad("volume_param", f"'{self.volume_param}' is not one of {', '.join(VOLUME_PARAMS)}")
-        if self.device not in DEVICES:
-            bad("device", f"'{self.device}' is not one of {', '.join(DEVICES)}")
-        if self.box is not None and (self.box < 8 or self.box % 2):
-            bad("box", f"{self.box} must be an even number >= 8")
-        if self.max_box < 8 or self.max_box % 2:
-            bad("max_box", f"{self.max_box} must be an even number >= 8")
-        for name in ("heads", "batch_size", "pose_iters", "stage1_trials", "stage1_trial_epochs"):
-            if getattr(self, name) < 1:
-                bad(name, f"{getattr(self, name)} must be >= 1")
-        for name in ("epochs_amortized", "epochs_autodecode", "min_epochs_amortized", "vol_iters", "octaves", "threads",
-                     "explore_candidates", "explore_top", "explore_rounds", "explore_local", "stage1_particles",
-                     "c2f_stage2_epochs"):
-            if getattr(self, name) < 0:
-                bad(name, f"{getattr(self, name)} must be >= 0")
-        if self.explore_grid_crop and (self.explore_grid_crop < 8 or self.explore_grid_crop % 2):
-            bad("explore_grid_crop", f"{self.explore_grid_crop} must be 0 or an even number >= 8")
-        if self.stage1_max_crop and (self.stage1_max_crop < 8 or self.stage1_max_crop % 2):
-            bad("stage1_max_crop", f"{self.stage1_max_crop} must be 0 or an even number >= 8")
-        if self.epochs_amortized < 1:
-            bad("epochs_amortized", "at least one amortized epoch is needed to initialise the poses")
-        if self.max_shift is not None and self.max_shift < 0:
-            bad("max_shift", f"{self.max_shift} must be >= 0")
-        if not 0 < self.mask_radius <= 1.0:
-            bad("mask_radius", f"{self.mask_radius} must be in (0, 1]")
-        if not 0 < self.c2f_start <= 1.0:
-            bad("c2f_start", f"{self.c2f_start} must be in (0, 1]")
-        if len(self.pose_betas) != 2 or not all(0 <= b < 1 for b in self.pose_betas):
-            bad("pose_betas", f"{self.pose_betas} must be two numbers in [0, 1)")
-        for name in ("checkpoint_minutes", "lr_encoder", "lr_decoder", "lr_decoder_stage2", "lr_pose", "lr_shift", "switch_threshold_deg",
-                     "explore_local_deg", "explore_shift_px", "distill_weight", "explore_shift_range",
-                     "explore_shift_step"):
-            if getattr(self, name) < 0:
-                bad(name, f"{getattr(self, name)} must be >= 0")
-        return self
-
-    # -- derived values ------------------------------------------------------------------
     def working_box(self, input_box: int) -> int:
         """The working box for images of side ``input_box`` (even, <= input box)."""
-        if self.box is not None:
-            b = min(self.box, input_box)
-        else:
-            b = min(input_box, self.max_box)
+        b = min(self.box, input_box) if self.box is not None else min(input_box, self.max_box)
         return b - (b % 2)
 
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The encoder, the volume and the loss."""
+
+    preset: Preset = opt("fast", "encoder size (default {default})", flag=True)
+    heads: int = opt(4, "pose heads M (default {default})", flag=True)  # reference: 7 synthetic, 15 experimental
+    octaves: int = opt(4, "Gaussian-pyramid octaves stacked as encoder channels (reference 4)")
+    max_shift: float | None = opt(None, "shift bound, working-box pixels (default 0.1 box)", flag=True, metavar="PX")
+    volume_param: VolumeParam = opt("linear", "Hartley voxel values: linear or expmant (mantissa * exp(exponent))")
+    mask_radius: float = opt(1.0, "radial frequency mask, fraction of the working-box Nyquist")
+    loss: Loss = opt("l1", "reconstruction loss (default {default})", flag=True)  # l1 = the reference
+
     def shift_bound(self, box: int) -> float:
+        """|shift| bound per axis in working-box pixels."""
         return float(self.max_shift) if self.max_shift is not None else 0.1 * box
 
-    # -- YAML / dict ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Epochs, the switch from stage 1 to stage 2, the stage-1 subset and starts, coarse-to-fine."""
+
+    epochs_amortized: int = opt(10, "max stage-1 epochs (default {default})", flag=True, resumable=True)
+    min_epochs_amortized: int = opt(7, "stage 1 lasts at least this many epochs (default {default})", flag=True,
+                                    metavar="E", group=GROUP_SCHEDULE)
+    auto_switch: bool = opt(True, "switch early once winning poses stop changing",
+                            off_flag="no-auto-switch", group=GROUP_SCHEDULE)
+    switch_threshold_deg: float = opt(
+        3.0, "auto-switch once the median change of the winning pose between epochs is below this (default "
+        "{default})", flag="switch-threshold", metavar="DEG", group=GROUP_SCHEDULE)
+    epochs_autodecode: int = opt(6, "stage-2 epochs (default {default})", flag=True, resumable=True)
+    stage1_trials: int = opt(3, "independent starts of stage 1; the lowest-loss one continues (default {default})",
+                             flag=True, metavar="K", group=GROUP_SCHEDULE)
+    stage1_trial_epochs: int = opt(3, "epochs of each start before choosing (default {default})", flag=True,
+                                   metavar="E", group=GROUP_SCHEDULE)
+    # the others get their first pose at the switch from the encoder's heads + the pose search
+    stage1_particles: int = opt(3000, "stage 1 trains on a random subset of N particles, 0 = all (default {default})",
+                                flag=True, metavar="N", group=GROUP_SCHEDULE)
+    batch_size: int = opt(64, "batch size (default {default})", flag=True, metavar="B")
+    coarse_to_fine: bool = opt(True, "work at a reduced Fourier box early (beyond the reference)",
+                               off_flag="no-coarse-to-fine", group=GROUP_SCHEDULE)
+    # the pose search needs only low resolution (~2 x apix x box / 32; cf. RELION's 15 A SGD limit)
+    stage1_max_crop: int = opt(32, "largest Fourier box of stage 1, 0 = the working box (default {default})",
+                               flag=True, metavar="PX", group=GROUP_SCHEDULE)
+    c2f_stage2_epochs: int = opt(2, "stage-2 epochs to grow from the last stage-1 Fourier box to the working box")
+    c2f_start: float = opt(0.375, "first Fourier box as a fraction of the working box (12 at box 32)")
+    c2f_epochs: int | None = opt(None, "epochs to reach the full box; null = min_epochs_amortized + 1")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Learning rates and step counts (the reference's values unless noted)."""
+
+    lr_encoder: float = opt(1e-3, "encoder lr (reference 1e-4, tuned up for short CPU runs)")
+    # with exploration the volume must follow the searched poses within a few epochs: at box 32, 0.02 and
+    # 0.05 stay in a wrong basin, 0.1-0.2 converge (reference 5e-3)
+    lr_decoder: float = opt(0.2, "stage-1 volume lr")
+    lr_decoder_decay: float = opt(0.8, "stage-1 volume learning-rate factor per epoch (default {default})",
+                                  flag=True, metavar="F", group=GROUP_SEARCH)  # box 32: 10.3 -> 9.3 deg
+    lr_decoder_stage2: float = opt(1e-2, "stage-2 volume lr (reference 2e-3; raised like lr_decoder)")
+    lr_pose: float = opt(0.05, "stage-2 rotation perturbation lr, radians (reference)")
+    lr_shift: float = opt(0.05, "stage-2 shift lr, working-box pixels")
+    pose_betas: list[float] = opt([0.9, 0.9], "Adam betas of the per-particle poses (reference)")
+    pose_iters: int = opt(5, "pose steps per batch in stage 2 (reference)")
+    vol_iters: int = opt(1, "volume steps per batch in stage 2 (reference)")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The stage-1 pose search (beyond the reference; ``explore_candidates: 0`` = the pure reference WTA).
+
+    Each image's winner-takes-all candidate set = the M heads + the best pose of a gradient-free search
+    seeded by its remembered best pose and the heads: a scan of ``explore_candidates`` near-uniform
+    rotations (randomly turned each batch) x a shift grid, whose ``explore_top`` best are re-scored, then
+    ``explore_rounds`` rounds of ``explore_local`` perturbations (engine/stage1.py). The volume is trained
+    by the overall winner; the nearest head is pulled toward a winner that is not a head (distillation)."""
+
+    explore_candidates: int = opt(
+        4608, "global rotation candidates per image, 0 = the reference winner-takes-all over the heads only "
+        "(default {default})", flag=True, metavar="N", group=GROUP_SEARCH)
+    explore_grid_crop: int = opt(16, "Fourier box of the global scan, 0 = the epoch's (default {default})",
+                                 flag=True, metavar="PX", group=GROUP_SEARCH)
+    # picking errors scale with the particle, i.e. the box; measured: 0 -> 32% of new particles within 10 deg
+    # at box 64, 0.05 -> 88%; 0.1 fails at box 32
+    explore_shift_range: float = opt(
+        0.05, "the global scan tries shifts out to +- F x working box around the remembered shift (default "
+        "{default})", flag=True, metavar="F", group=GROUP_SEARCH)
+    explore_shift_step: float = opt(1.5, "step of that shift grid, working-box px (default {default})", flag=True,
+                                    metavar="PX", group=GROUP_SEARCH)
+    explore_top: int = opt(8, "best global candidates re-scored with the loss (default {default})", flag=True,
+                           metavar="K", group=GROUP_SEARCH)
+    explore_rounds: int = opt(3, "local refinement rounds (default {default})", flag=True, metavar="R",
+                              group=GROUP_SEARCH)
+    explore_local: int = opt(8, "perturbations of the current best per round (default {default})", flag=True,
+                             metavar="L", group=GROUP_SEARCH)
+    explore_local_deg: float = opt(10.0, "RMS angle of the first round's perturbations (default {default})",
+                                   flag=True, metavar="DEG", group=GROUP_SEARCH)
+    explore_shift_px: float = opt(1.0, "RMS shift jitter of the first round, working-box px (default {default})",
+                                  flag="explore-shift", metavar="PX", group=GROUP_SEARCH)
+    distill_weight: float = opt(1.0, "weight of the head-to-winner distillation term (default {default})",
+                                flag=True, metavar="W", group=GROUP_SEARCH)
+
+    @property
+    def enabled(self) -> bool:
+        return self.explore_candidates > 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Seed, hardware, and what is done with the result."""
+
+    seed: int = opt(0, "random seed (default {default})", flag=True)
+    device: Device = opt("auto", "compute device (default auto)", flag=True, resumable=True)
+    threads: int = opt(0, "CPU threads (default: torch's default)", flag="j", metavar="N", resumable=True)
+    flip_hand: bool = opt(False, "mirror the result (maps and poses)", flag=True, resumable=True)
+    checkpoint_minutes: float = opt(10.0, "also checkpoint mid-epoch after this many minutes (0 = epochs only)",
+                                    resumable=True)
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "schedule": ScheduleConfig,
+                             "optim": OptimConfig, "search": SearchConfig, "run": RunConfig}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: its section, name, type, default and metadata."""
+
+    section: str
+    name: str
+    type: Any
+    default: Any
+    meta: dict
+
+    @property
+    def flag(self) -> str | None:
+        f = self.meta["flag"]
+        return None if f is False else (self.name.replace("_", "-") if f is True else f)
+
+
+def options() -> Iterator[Option]:
+    """Every option of every section, in the order of the flat YAML."""
+    for sec, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            yield Option(sec, f.name, hints[f.name], default, dict(f.metadata))
+
+
+_OPTIONS = {o.name: o for o in options()}
+assert len(_OPTIONS) == sum(len(dataclasses.fields(c)) for c in SECTIONS.values()), "option names must be unique"
+RESUMABLE = frozenset(o.name for o in _OPTIONS.values() if o.meta["resumable"])
+
+
+@dataclass(frozen=True)
+class AbinitConfig:
+    """The whole configuration: one frozen record per section."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    # -- flat views ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The flat mapping option -> value (the YAML layout)."""
+        return {o.name: _plain(getattr(getattr(self, o.section), o.name)) for o in _OPTIONS.values()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "AbinitConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
+        """From a flat mapping (missing options take their defaults); types checked exactly, then validated."""
+        return cls().override(source=source, **{k: _Set(v) for k, v in d.items()})
+
+    def override(self, source: str = "command line", **kw: Any) -> "AbinitConfig":
+        """A validated copy with the given flat options replaced (``None`` values are ignored; wrap a value
+        in ``_Set`` to set it even when it is None)."""
+        unknown = sorted(set(kw) - set(_OPTIONS))
         if unknown:
             raise InputError(f"{source}: unknown option(s): {', '.join(unknown)}")
-        cfg = cls()
-        for k, v in d.items():
-            setattr(cfg, k, _coerce(cls, k, v, source))
-        return cfg.validate(source)
+        per: dict[str, dict[str, Any]] = {}
+        for k, v in kw.items():
+            if isinstance(v, _Set):
+                v = v.value
+            elif v is None:
+                continue
+            o = _OPTIONS[k]
+            per.setdefault(o.section, {})[k] = check_type(v, o.type, f"{source}: {k}")
+        new = dataclasses.replace(self, **{s: dataclasses.replace(getattr(self, s), **f) for s, f in per.items()})
+        return new.validate(source)
 
+    def with_box(self, box: int) -> "AbinitConfig":
+        """The same config with the effective working box recorded (what config.yaml keeps)."""
+        return self.override(source="working box", box=box)
+
+    # -- checks -------------------------------------------------------------------------------
+    def validate(self, source: str = "config") -> "AbinitConfig":
+        """Checks of values beyond their types; raises InputError naming ``source`` and the option."""
+        d = self.to_dict()
+
+        def bad(name, msg):
+            raise InputError(f"{source}: {name}: {d[name]} {msg}")
+
+        if d["box"] is not None and (d["box"] < 8 or d["box"] % 2):
+            bad("box", "must be an even number >= 8")
+        if d["max_box"] < 8 or d["max_box"] % 2:
+            bad("max_box", "must be an even number >= 8")
+        for name in ("heads", "batch_size", "pose_iters", "stage1_trials", "stage1_trial_epochs", "epochs_amortized"):
+            if d[name] < 1:
+                bad(name, "must be >= 1" + (" (stage 1 initialises the poses)" if name == "epochs_amortized" else ""))
+        for name in ("explore_grid_crop", "stage1_max_crop"):
+            if d[name] and (d[name] < 8 or d[name] % 2):
+                bad(name, "must be 0 or an even number >= 8")
+        for name in ("mask_radius", "c2f_start"):
+            if not 0 < d[name] <= 1.0:
+                bad(name, "must be in (0, 1]")
+        if len(d["pose_betas"]) != 2 or not all(0 <= b < 1 for b in d["pose_betas"]):
+            bad("pose_betas", "must be two numbers in [0, 1)")
+        for o in _OPTIONS.values():  # every other number is a count, a rate or a bound: >= 0
+            v = d[o.name]
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+                bad(o.name, "must be >= 0")
+        return self
+
+    def resume_changes(self, old: dict[str, Any]) -> list[str]:
+        """Options of a checkpoint's flat config ``old`` that differ here and may not change on --continue."""
+        return sorted(k for k, v in self.to_dict().items() if k not in RESUMABLE and k in old and old[k] != v)
+
+    # -- YAML -----------------------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, path: str | Path) -> "AbinitConfig":
         import yaml
@@ -200,40 +328,58 @@ class AbinitConfig:
                 Path(tmp).write_text(text)
         return text
 
-    def override(self, **kw) -> "AbinitConfig":
-        """A copy with the given fields replaced (``None`` values are ignored)."""
-        new = dataclasses.replace(self)
-        for k, v in kw.items():
-            if v is not None:
-                setattr(new, k, _coerce(type(self), k, v, "command line"))
-        return new.validate("command line")
+
+@dataclass(frozen=True)
+class _Set:
+    """A value to set even when it is None (``override`` skips plain Nones: absent flags)."""
+
+    value: Any
 
 
-def _coerce(cls, name: str, v: Any, source: str) -> Any:
-    f = {f.name: f for f in fields(cls)}[name]
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    t = str(f.type)
-    try:
+def _plain(v: Any) -> Any:
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def check_type(v: Any, tp: Any, where: str) -> Any:
+    """``v`` if it has exactly the type ``tp`` (int accepted for float, as a float), else InputError."""
+
+    def fail(what: str):
+        raise InputError(f"{where}: {v!r} is not {what}")
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if v is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
         if v is None:
-            if "None" in t:
-                return None
-            raise ValueError("null is not allowed")
-        if isinstance(default, bool) or t == "bool":
-            if isinstance(v, str):
-                if v.lower() in ("true", "yes", "1", "on"):
-                    return True
-                if v.lower() in ("false", "no", "0", "off"):
-                    return False
-                raise ValueError(f"'{v}' is not a boolean")
-            return bool(v)
-        if t.startswith("int"):
-            if isinstance(v, float) and not v.is_integer():
-                raise ValueError(f"'{v}' is not an integer")
-            return int(v)
-        if t.startswith("float"):
-            return float(v)
-        if t == "list":
-            return [float(x) for x in v]
-        return str(v)
-    except (TypeError, ValueError) as e:
-        raise InputError(f"{source}: {name}: {e}") from None
+            fail(_describe(inner))
+        return check_type(v, inner, where)
+    if origin is Literal:
+        if not isinstance(v, str) or v not in args:
+            fail("one of " + ", ".join(args))
+        return v
+    if origin is list:
+        if not isinstance(v, (list, tuple)):
+            fail("a list")
+        return [check_type(x, args[0], where) for x in v]
+    if tp is bool:
+        if type(v) is not bool:
+            fail("true or false")
+        return v
+    if tp is int:
+        if type(v) is not int:
+            fail("an integer")
+        return v
+    if tp is float:
+        if type(v) not in (int, float) or not math.isfinite(v):
+            fail("a finite number")
+        return float(v)
+    if tp is str:
+        if not isinstance(v, str):
+            fail("a string")
+        return v
+    raise TypeError(f"config type {tp} not handled")  # a programming error, not bad input
+
+
+def _describe(tp: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(tp, str(tp))

@@ -13,9 +13,9 @@ import os
 
 from cryospin_relion.cli import build_parser
 
-# other console scripts installed by setup.cfg: (name, module with build_parser())
+# other console scripts installed by setup.cfg with an argparse parser: (name, module with build_parser()).
+# cryospin_relion_external is not here: RELION builds its command line, and its --help is its docstring.
 EXTRA_SCRIPTS = [
-    ("cryospin_relion_external", "relion_wrappers.external_job"),
     ("cryospin-cryosparc", "cs_tools.external_job"),
 ]
 
@@ -56,14 +56,9 @@ def _render() -> str:
     for name, p in sub.choices.items():
         out += ["", f"## cryospin {name}", "", "```", _help(p), "```"]
     for script, modname in EXTRA_SCRIPTS:
-        try:
-            mod = importlib.import_module(modname)
-        except ImportError:
-            continue
-        if hasattr(mod, "build_parser"):
-            p = mod.build_parser()
-            p.prog = script
-            out += ["", f"## {script}", "", "```", _help(p), "```"]
+        p = importlib.import_module(modname).build_parser()
+        p.prog = script
+        out += ["", f"## {script}", "", "```", _help(p), "```"]
     return "\n".join(out) + "\n"
 
 

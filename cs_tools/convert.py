@@ -5,12 +5,9 @@ every function can be tested on real ``.cs`` files without one.
 
 cryoSPARC conventions used (see docs/conventions.md and docs/cryosparc.md):
 
-- ``alignments3D/pose``: float32 (3,), rotation vector [rad] of RELION's ``A^T``
-  (``geometry.rotations.relion_to_cryosparc_pose``).
-- ``alignments3D/shift``: float32 (2,), pixels at ``alignments3D/psize_A``, equal
-  to the RELION origin in pixels, no sign flip: ``shift = origin_A / psize_A``.
-- ``alignments3D/psize_A``: float32, the particle pixel size.
-- ``alignments3D/split``: uint32 0/1 = RELION ``rlnRandomSubset`` 1/2.
+- particle poses: the ``ALIGN_FIELDS`` (``alignments3D/pose``, ``shift``, ``psize_A``,
+  ``split``), encoded from RELION poses by ``cryospin_relion.io.cs.alignments_fields``,
+  the code (and the stated conventions) that ``cryospin`` writes its own ``.cs`` files with.
 - volume outputs: one row with ``<slot>/path`` (project-relative), ``<slot>/shape``
   (uint32 (3,), z, y, x) and ``<slot>/psize_A`` (float32) for the slots ``map``,
   ``map_half_A`` (half 1) and ``map_half_B`` (half 2).
@@ -22,7 +19,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Sequence
@@ -30,20 +26,18 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from cryosparc.dataset import Dataset
 
+from cryospin_relion.cli import command_argv
 from cryospin_relion.errors import InputError
-from cryospin_relion.geometry.rotations import relion_to_cryosparc_pose
+from cryospin_relion.io.cs import ALIGN_FIELDS, alignments_fields, load_cs, project_paths, set_alignments
 
 __all__ = [
     "ALIGN_FIELDS",
     "VOLUME_SLOTS",
     "INPUT_SLOTS",
     "parse_output_ref",
-    "strip_project_prefix",
     "stack_paths",
     "localize_blob_paths",
     "check_input_dataset",
-    "write_dataset",
-    "load_dataset",
     "alignments_fields",
     "particles_output",
     "particles_output_from_result",
@@ -56,14 +50,6 @@ __all__ = [
     "result_particles",
     "abinit_command",
     "run_command",
-]
-
-# the four alignments3D fields we write, with their cryoSPARC dtypes
-ALIGN_FIELDS = [
-    ("alignments3D/split", "u4"),
-    ("alignments3D/shift", "f4", (2,)),
-    ("alignments3D/pose", "f4", (3,)),
-    ("alignments3D/psize_A", "f4"),
 ]
 
 # neutral values for other alignments3D fields a server-allocated output may have
@@ -98,22 +84,9 @@ def parse_output_ref(ref: str, default_output: str = "particles") -> tuple[str, 
     return job, out
 
 
-def _as_str(v) -> str:
-    return v.decode("utf-8") if isinstance(v, (bytes, np.bytes_)) else str(v)
-
-
-def strip_project_prefix(path: str) -> str:
-    """An exported ``.cs`` marks project-relative paths with a leading ``>``: remove it."""
-    path = _as_str(path)
-    return path[1:] if path.startswith(">") else path
-
-
 def stack_paths(ds: Dataset, field: str = "blob/path") -> list[str]:
     """The distinct (project-relative) stack paths of a particle Dataset, in first-seen order."""
-    seen: dict[str, None] = {}
-    for p in ds[field]:
-        seen.setdefault(strip_project_prefix(p), None)
-    return list(seen)
+    return list(dict.fromkeys(project_paths(ds[field])))
 
 
 def localize_blob_paths(ds: Dataset, project_dir: str | os.PathLike, field: str = "blob/path") -> Dataset:
@@ -123,16 +96,10 @@ def localize_blob_paths(ds: Dataset, project_dir: str | os.PathLike, field: str 
     or ``>J12/extract/x.mrc`` in exported files); absolute paths are kept as they are.
     """
     root = Path(project_dir)
+    rel = project_paths(ds[field])
+    local = {p: p if os.path.isabs(p) else str(root / p) for p in dict.fromkeys(rel)}  # once per stack
     out = ds.copy()
-    cache: dict[str, str] = {}
-    paths = []
-    for p in ds[field]:
-        p = _as_str(p)
-        if p not in cache:
-            rel = strip_project_prefix(p)
-            cache[p] = rel if os.path.isabs(rel) else str(root / rel)
-        paths.append(cache[p])
-    out[field] = np.array(paths, dtype=object)
+    out[field] = np.array([local[p] for p in rel], dtype=object)
     return out
 
 
@@ -146,52 +113,7 @@ def check_input_dataset(ds: Dataset, source: str = "input") -> None:
         raise InputError(f"{source}: {', '.join(missing)}: field missing (need particle blob and ctf slots)")
 
 
-def write_dataset(ds: Dataset, path: str | os.PathLike) -> Path:
-    """Save a Dataset as a ``.cs`` (numpy format, loadable by ``numpy.load``), atomically."""
-    from cryospin_relion.io.atomic import atomic_path
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            ds.save(fh)
-    return path
-
-
-def load_dataset(path: str | os.PathLike) -> Dataset:
-    """``Dataset.load`` with a one-line InputError when missing or unreadable."""
-    from cryospin_relion.io.cs import load_cs
-
-    return load_cs(path)
-
-
 # -- particles output ----------------------------------------------------------------------
-
-
-def alignments_fields(rotations: np.ndarray, shifts_A: np.ndarray, psize_A: np.ndarray | float,
-                      halves: np.ndarray) -> dict[str, np.ndarray]:
-    """alignments3D/{pose, shift, psize_A, split} arrays from RELION poses.
-
-    Args:
-        rotations: (N, 3, 3) RELION A matrices.
-        shifts_A: (N, 2) RELION origins (rlnOriginX/YAngst) in A.
-        psize_A: pixel size of the particle images (scalar or (N,)).
-        halves: (N,) rlnRandomSubset in {1, 2}.
-    """
-    rotations = np.asarray(rotations, dtype=np.float64)
-    n = len(rotations)
-    shifts_A = np.asarray(shifts_A, dtype=np.float64).reshape(n, 2)
-    psize = np.broadcast_to(np.asarray(psize_A, dtype=np.float64), (n,))
-    if (psize <= 0).any() or not np.isfinite(psize).all():
-        raise InputError("alignments3D/psize_A: pixel size must be a positive number")
-    halves = np.asarray(halves, dtype=np.int64).reshape(n)
-    if not set(np.unique(halves).tolist()) <= {1, 2}:
-        raise InputError(f"halves must be 1 or 2, got {sorted(set(np.unique(halves).tolist()))}")
-    return {
-        "alignments3D/pose": relion_to_cryosparc_pose(rotations).astype(np.float32).reshape(n, 3),
-        "alignments3D/shift": (shifts_A / psize[:, None]).astype(np.float32),
-        "alignments3D/psize_A": psize.astype(np.float32),
-        "alignments3D/split": (halves - 1).astype(np.uint32),
-    }
 
 
 def particles_output(input_ds: Dataset, rotations: np.ndarray, shifts_A: np.ndarray,
@@ -208,11 +130,20 @@ def particles_output(input_ds: Dataset, rotations: np.ndarray, shifts_A: np.ndar
         raise InputError(f"{len(rotations)} poses for {n} input particles")
     if psize_A is None:
         psize_A = np.asarray(input_ds["blob/psize_A"], dtype=np.float64)
-    out = input_ds.copy()
-    out.add_fields([f for f in ALIGN_FIELDS if f[0] not in out.fields()])
-    for k, v in alignments_fields(rotations, shifts_A, psize_A, halves).items():
-        out[k] = v
-    return out
+    return set_alignments(input_ds.copy(), alignments_fields(rotations, shifts_A, psize_A, halves))
+
+
+def _rows_by_uid(want: np.ndarray, have: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, found): for each uid in ``want``, its row in ``have`` (any order) and whether it is there.
+
+    Where not found the row is arbitrary (0 when ``have`` is empty).
+    """
+    want, have = np.asarray(want), np.asarray(have)
+    if len(have) == 0:
+        return np.zeros(len(want), dtype=np.int64), np.zeros(len(want), dtype=bool)
+    order = np.argsort(have, kind="stable")
+    pos = np.clip(np.searchsorted(have[order], want), 0, len(have) - 1)
+    return order[pos], have[order][pos] == want
 
 
 def particles_output_from_result(input_ds: Dataset, result_ds: Dataset) -> Dataset:
@@ -227,24 +158,14 @@ def particles_output_from_result(input_ds: Dataset, result_ds: Dataset) -> Datas
     if missing:
         raise InputError(f"result particles: {', '.join(missing)}: field missing")
     if "uid" in rfields and "uid" in input_ds.fields() and len(result_ds):
-        in_uid = np.asarray(input_ds["uid"])
-        r_uid = np.asarray(result_ds["uid"])
-        order = np.argsort(r_uid, kind="stable")
-        pos = np.searchsorted(r_uid[order], in_uid)
-        pos = np.clip(pos, 0, len(r_uid) - 1)
-        found = r_uid[order][pos] == in_uid
+        rows, found = _rows_by_uid(input_ds["uid"], result_ds["uid"])
         if not found.all():
             raise InputError(f"result particles: uid: {int((~found).sum())} of {n} input particles missing")
-        rows = order[pos]
     else:
         if len(result_ds) != n:
             raise InputError(f"result particles: {len(result_ds)} rows for {n} input particles (no uid to match)")
         rows = np.arange(n)
-    out = input_ds.copy()
-    out.add_fields([f for f in ALIGN_FIELDS if f[0] not in out.fields()])
-    for f in ALIGN_FIELDS:
-        out[f[0]] = np.asarray(result_ds[f[0]])[rows].astype(out[f[0]].dtype)
-    return out
+    return set_alignments(input_ds.copy(), {f: np.asarray(result_ds[f])[rows] for f, *_ in ALIGN_FIELDS})
 
 
 def fill_allocated(allocated: Dataset, built: Dataset) -> Dataset:
@@ -254,13 +175,9 @@ def fill_allocated(allocated: Dataset, built: Dataset) -> Dataset:
     their allocation zeros, except neutral values for alignments3D bookkeeping
     (class posterior 1, weight 1, alpha 1, class 0). Returns ``allocated``.
     """
-    a_uid = np.asarray(allocated["uid"])
-    b_uid = np.asarray(built["uid"])
-    order = np.argsort(b_uid, kind="stable")
-    pos = np.clip(np.searchsorted(b_uid[order], a_uid), 0, max(len(b_uid) - 1, 0))
-    if len(b_uid) == 0 or not (b_uid[order][pos] == a_uid).all():
+    rows, found = _rows_by_uid(allocated["uid"], built["uid"])
+    if len(built) == 0 or not found.all():
         raise InputError("output particles: uids of the allocated output and of the result differ")
-    rows = order[pos]
     bfields = set(built.fields())
     for f in allocated.fields():
         if f == "uid":
@@ -370,7 +287,7 @@ def result_particles(outputs: AbinitOutputs, input_ds: Dataset) -> Dataset:
     row order as the input .cs given to abinit).
     """
     if outputs.particles_cs is not None:
-        return particles_output_from_result(input_ds, load_dataset(outputs.particles_cs))
+        return particles_output_from_result(input_ds, load_cs(outputs.particles_cs))
     from cryospin_relion.io.read import read_particles
 
     table = read_particles(outputs.particles_star, check_stacks=False, no_ctf=True)
@@ -383,9 +300,8 @@ def result_particles(outputs: AbinitOutputs, input_ds: Dataset) -> Dataset:
 
 def abinit_command(particles_cs: str | os.PathLike, outdir: str | os.PathLike,
                    extra: Iterable[str] = ()) -> list[str]:
-    """argv running ``cryospin abinit`` in a fresh Python (same interpreter as this one)."""
-    return [sys.executable, "-m", "cryospin_relion.cli", "abinit", "--i", str(particles_cs), "--o", str(outdir),
-            *[str(a) for a in extra]]
+    """argv running ``cryospin abinit`` on ``particles_cs`` in a fresh Python (``cli.command_argv``)."""
+    return [*command_argv("abinit"), "--i", str(particles_cs), "--o", str(outdir), *[str(a) for a in extra]]
 
 
 def run_command(cmd: Sequence[str], log: Callable[[str], None] = print, cwd: str | os.PathLike | None = None,

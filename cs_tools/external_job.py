@@ -189,6 +189,7 @@ def prepare_stacks(ds, project_dir: str | None, workdir: Path, download: bool, s
 def run_job(args: argparse.Namespace, extra: list[str], server: ModuleType | None = None,
             environ: Mapping[str, str] | None = None) -> int:
     """The whole External job; ``server`` is cs_tools.server (or a stand-in with the same functions)."""
+    from cryospin_relion.io.cs import save_cs
     from cs_tools import convert
 
     if server is None:
@@ -227,7 +228,7 @@ def run_job(args: argparse.Namespace, extra: list[str], server: ModuleType | Non
         workdir.mkdir(parents=True, exist_ok=True)
         pdir = args.project_dir or server.project_dir(project)
         local = prepare_stacks(ds, pdir, workdir, args.download_stacks, server, project, log)
-        in_cs = convert.write_dataset(local, workdir / "input_particles.cs")
+        in_cs = save_cs(local, workdir / "input_particles.cs")
         outdir = workdir / "abinit"
         summary = workdir / "summary.json"
         cmd = convert.abinit_command(in_cs, outdir, abinit_args(args, extra) + ["--json-summary", str(summary)])
@@ -259,7 +260,7 @@ def run_job(args: argparse.Namespace, extra: list[str], server: ModuleType | Non
 
         # particles output: new alignments3D, everything else passed through by cryoSPARC
         built = convert.result_particles(out, ds)
-        convert.write_dataset(built, workdir / "particles_with_poses.cs")
+        save_cs(built, workdir / "particles_with_poses.cs")
         alloc = server.add_particles_output(job, built)
         server.save_output(job, server.PARTICLES_OUTPUT, convert.fill_allocated(alloc, built))
         log(f"saved particles output with alignments3D for {len(built)} particles")

@@ -28,7 +28,6 @@ Exit status: 0 succeeded, 2 bad input or settings, 3 aborted, 1 other failure.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import signal
 import sys
@@ -37,6 +36,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
+from cryospin_relion.cli import command_argv
 from relion_wrappers.nodes import OUTPUT_NODES, pipeline_version, write_output_nodes
 from relion_wrappers.protocol import (
     EXIT_ABORTED, EXIT_FAILURE, EXIT_SUCCESS, ProtocolError, clear_stale_exit_files,
@@ -78,12 +78,8 @@ def _err(msg: str) -> None:
 
 def abinit_options() -> dict[str, bool]:
     """Long options of ``cryospin abinit`` (name without ``--`` -> takes a value)."""
-    try:
-        abinit = importlib.import_module("cryospin_relion.commands.abinit")
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("cryospin_relion.commands.abinit"):
-            raise JobFailed("this installation has no 'cryospin abinit' command") from None
-        raise
+    from cryospin_relion.commands import abinit  # here, not at import: abinit's imports cost seconds
+
     p = argparse.ArgumentParser(prog="cryospin abinit", add_help=False)
     abinit.add_args(p)
     opts: dict[str, bool] = {}
@@ -92,11 +88,6 @@ def abinit_options() -> dict[str, bool]:
             if s.startswith("--"):
                 opts[s[2:]] = action.nargs != 0
     return opts
-
-
-def abinit_command() -> list[str]:
-    """The argument list that starts ``cryospin`` with this interpreter."""
-    return [sys.executable, "-m", "cryospin_relion.cli", "abinit"]
 
 
 def _canonical(label: str, known: dict[str, bool]) -> str | None:
@@ -238,7 +229,7 @@ def run_job(
             _say(f"removed stale {', '.join(removed)} from {outdir}")
         _say(f"started in {os.getcwd()} with: {' '.join(argv)}")
         known = abinit_options() if known_options is None else dict(known_options)
-        base = abinit_command() if base_command is None else list(base_command)
+        base = command_argv("abinit") if base_command is None else list(base_command)
         outdir, cmd = build_command(argv, known, base)
         _say("running: " + " ".join(cmd))
         res = run_child(cmd, outdir, poll=poll, grace=grace, stop=stop, log=_say)

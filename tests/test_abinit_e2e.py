@@ -25,6 +25,7 @@ from engine_synth import align_poses, backproject_fsc, simulate  # noqa: E402
 
 from cryospin_relion.config import AbinitConfig  # noqa: E402
 from cryospin_relion.engine.run import AbinitEngine  # noqa: E402
+from cryospin_relion.geometry.ctf import CTF  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def result():
     torch.set_num_threads(2)
     d = simulate(n=32, N=2000, apix=4.0, snr=0.3, max_shift_px=2.0, seed=0)
     t0 = time.perf_counter()
-    eng = AbinitEngine(d["images"], d["apix"], d["ctf"], AbinitConfig(), "cpu", progress=False)
+    eng = AbinitEngine(d["images"], d["apix"], CTF.from_arrays(d["ctf"]), AbinitConfig(), "cpu")
     assert eng.run() == "done"
     wall = time.perf_counter() - t0
     R, t = eng.final_poses()
@@ -44,10 +45,10 @@ def result():
 @pytest.mark.slow
 def test_e2e_runs_and_learns(result):
     h = result["eng"].history
-    assert h["loss"][-1] < h["loss"][0]
-    assert h["switch_epoch"] is not None and 2 in h["stage"]
+    assert h.last.loss < h.epochs[0].loss
+    assert h.switch_epoch is not None and 2 in h.column("stage")
     assert result["wall"] < 300
-    share = h["winner_source_share"][0]
+    share = h.epochs[0].winner_source_share
     assert share is not None and abs(sum(share.values()) - 1) < 1e-9
 
 

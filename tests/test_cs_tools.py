@@ -22,6 +22,7 @@ from cryosparc.dataset import Dataset
 
 from cryospin_relion.errors import InputError
 from cryospin_relion.geometry.rotations import cryosparc_pose_to_relion, geodesic_distance_deg
+from cryospin_relion.io.cs import save_cs
 from cryospin_relion.io.mrc import write_mrc
 from cryospin_relion.io.read import read_particles, write_particles
 from cs_tools import convert
@@ -92,7 +93,7 @@ def test_particles_output_keeps_every_field_and_has_cryosparc_dtypes(p12, shared
     assert out["alignments3D/pose"].shape == (len(ds), 3) and out["alignments3D/shift"].shape == (len(ds), 2)
     assert set(np.unique(out["alignments3D/split"]).tolist()) == {0, 1}
     # saved .cs loads with numpy.load and Dataset.load
-    path = convert.write_dataset(out, tmp_path / "out.cs")
+    path = save_cs(out, tmp_path / "out.cs")
     arr = np.load(path)
     assert arr.dtype.names is not None and len(arr) == len(ds)
     np.testing.assert_array_equal(arr["alignments3D/pose"], out["alignments3D/pose"])
@@ -210,7 +211,7 @@ def test_volume_output_references_maps_and_psize(tmp_path):
         assert vs == pytest.approx(5.9, rel=1e-6)
         paths[slot] = f"J99/cryospin_{name}"
     ds = convert.volume_output(paths, shapes, 5.9, uid=42)
-    convert.write_dataset(ds, tmp_path / "vol.cs")
+    save_cs(ds, tmp_path / "vol.cs")
     for loaded in (Dataset.load(tmp_path / "vol.cs"), np.load(tmp_path / "vol.cs")):
         assert len(loaded) == 1 and int(loaded["uid"][0]) == 42
         assert _s(loaded["map/path"][0]) == "J99/cryospin_map.mrc"
@@ -255,15 +256,7 @@ def test_parse_output_ref():
 # -- cryospin convert / abinit outputs load with numpy.load and Dataset.load ---------------
 
 
-def _cli_has(name: str) -> bool:
-    from cryospin_relion.cli import _available
-
-    return name in _available()
-
-
 def test_cryospin_convert_output_loads(p12, shared_data, tmp_path):
-    if not _cli_has("convert"):
-        pytest.skip("cryospin convert not available yet")
     from cryospin_relion.cli import run
 
     star_in = shared_data / "cryodrgn" / "empiar_10076_7.star"
@@ -279,8 +272,6 @@ def test_cryospin_convert_output_loads(p12, shared_data, tmp_path):
 
 @pytest.mark.slow
 def test_cryospin_abinit_outputs_load(empiar, tmp_path):
-    if not _cli_has("abinit"):
-        pytest.skip("cryospin abinit not available yet")
     out = tmp_path / "abinit"
     cmd = convert.abinit_command(empiar, out, ["--box", "32", "--heads", "2", "--epochs-amortized", "1",
                                                "--epochs-autodecode", "1", "--seed", "0", "--quiet"])
@@ -515,8 +506,6 @@ def test_run_job_with_stand_in_server(empiar, shared_data, tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_run_job_with_real_abinit_and_stand_in_server(empiar, shared_data, tmp_path, monkeypatch):
-    if not _cli_has("abinit"):
-        pytest.skip("cryospin abinit not available yet")
     fake, job, calls, args, unknown, ds = _run_fake(
         empiar, shared_data, tmp_path, monkeypatch, real_abinit=True,
         extra=["--heads", "2", "--epochs-amortized", "1", "--epochs-autodecode", "1", "--seed", "0", "--quiet"])

@@ -11,10 +11,6 @@ import pytest
 from cryospin_relion import cli
 
 
-def _abinit_available() -> bool:
-    return "abinit" in cli._available()
-
-
 def test_demo_dataset_only(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.run(["demo", "--o", str(out), "--quick", "--skip-abinit", "--n", "40"]) == 0
@@ -28,7 +24,6 @@ def test_demo_dataset_only(tmp_path, capsys):
     assert "demo result" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not _abinit_available(), reason="the 'cryospin abinit' command is not built yet")
 def test_demo_quick_runs_whole_pipeline(tmp_path):
     out = tmp_path / "demo"
     t0 = time.perf_counter()

@@ -26,7 +26,7 @@ def star(tmp_path_factory):
 
 
 def test_config_yaml_roundtrip_and_errors(tmp_path):
-    cfg = AbinitConfig(heads=3, loss="l2", pose_betas=[0.8, 0.9])
+    cfg = AbinitConfig.from_dict({"heads": 3, "loss": "l2", "pose_betas": [0.8, 0.9]})
     p = tmp_path / "c.yaml"
     cfg.to_yaml(p)
     assert AbinitConfig.from_yaml(p) == cfg
@@ -48,9 +48,9 @@ def test_precedence_flags_over_yaml_over_defaults(tmp_path, star):
                   "--quiet"])
     assert rc == 0
     eff = AbinitConfig.from_yaml(out / "config.yaml")
-    assert (eff.heads, eff.batch_size, eff.loss) == (5, 40, "l2")
-    assert eff.epochs_autodecode == AbinitConfig().epochs_autodecode
-    assert eff.box == 16
+    assert (eff.model.heads, eff.schedule.batch_size, eff.model.loss) == (5, 40, "l2")
+    assert eff.schedule.epochs_autodecode == AbinitConfig().schedule.epochs_autodecode
+    assert eff.data.box == 16
     assert "effective config" in (out / "run.log").read_text()
 
 
@@ -65,12 +65,14 @@ def test_schedule_and_search_flags_reach_the_config(tmp_path, star):
                   "--explore-shift-range", "0.1", "--explore-shift-step", "2"])
     assert rc == 0
     eff = AbinitConfig.from_yaml(out / "config.yaml")
-    assert (eff.explore_candidates, eff.explore_top, eff.explore_rounds, eff.explore_local) == (0, 3, 2, 5)
-    assert (eff.explore_local_deg, eff.explore_shift_px, eff.distill_weight, eff.lr_decoder_decay) == (7.5, 0.5, 0.25, 0.9)
-    assert (eff.min_epochs_amortized, eff.switch_threshold_deg) == (4, 2.0)
-    assert eff.auto_switch is False and eff.coarse_to_fine is False
-    assert (eff.stage1_particles, eff.stage1_trials, eff.stage1_trial_epochs, eff.stage1_max_crop) == (500, 2, 1, 24)
-    assert (eff.explore_grid_crop, eff.explore_shift_range, eff.explore_shift_step) == (12, 0.1, 2.0)
+    se, sc = eff.search, eff.schedule
+    assert (se.explore_candidates, se.explore_top, se.explore_rounds, se.explore_local) == (0, 3, 2, 5)
+    assert (se.explore_local_deg, se.explore_shift_px, se.distill_weight, eff.optim.lr_decoder_decay) == \
+        (7.5, 0.5, 0.25, 0.9)
+    assert (sc.min_epochs_amortized, sc.switch_threshold_deg) == (4, 2.0)
+    assert sc.auto_switch is False and sc.coarse_to_fine is False
+    assert (sc.stage1_particles, sc.stage1_trials, sc.stage1_trial_epochs, sc.stage1_max_crop) == (500, 2, 1, 24)
+    assert (se.explore_grid_crop, se.explore_shift_range, se.explore_shift_step) == (12, 0.1, 2.0)
     # a bad value names the flag's field
     assert cli.run(["abinit", "--i", str(star), "--o", str(tmp_path / "r2"), "--dry-run", "--quiet",
                     "--explore-top", "-1"]) == 2

@@ -13,11 +13,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_synth import blob_volume, simulate  # noqa: E402
 
-from cryospin_relion.config import AbinitConfig  # noqa: E402
-from cryospin_relion.engine.losses import prepare_batch  # noqa: E402
-from cryospin_relion.engine.run import AbinitEngine, crop_for_epoch  # noqa: E402
+from cryospin_relion.config import AbinitConfig, ScheduleConfig  # noqa: E402
+from cryospin_relion.engine.forward import prepare_batch  # noqa: E402
+from cryospin_relion.engine.run import AbinitEngine  # noqa: E402
+from cryospin_relion.engine.schedule import crop_for_epoch  # noqa: E402
 from cryospin_relion.engine.stage1 import multihead_losses, winner_takes_all  # noqa: E402
 from cryospin_relion.engine.stage2 import pose_loss  # noqa: E402
+from cryospin_relion.geometry.ctf import CTF  # noqa: E402
 from cryospin_relion.geometry.fourier import ht3_centered  # noqa: E402
 from cryospin_relion.geometry.rotations import geodesic_distance_deg, random_rotations, so3_exp  # noqa: E402
 from cryospin_relion.model.encoder import PoseEncoder  # noqa: E402
@@ -37,9 +39,13 @@ def _true_volume(d, n) -> HartleyVolume:
     return vol
 
 
+def _ctf(d) -> CTF:
+    return CTF.from_arrays(d["ctf"])
+
+
 def _batch(d, idx, crop=None):
     n = d["images"].shape[-1]
-    ctf = {k: v[idx].float() for k, v in d["ctf"].items()}
+    ctf = CTF.from_arrays(d["ctf"])[idx]
     return prepare_batch(idx, d["images"][idx], torch.full((len(idx),), d["apix"]), ctf, crop or n)
 
 
@@ -127,37 +133,37 @@ def test_pose_gradient_reduces_loss_on_known_map():
 
 
 def test_coarse_to_fine_schedule():
-    cfg = AbinitConfig(c2f_start=0.5, c2f_epochs=4)
+    cfg = ScheduleConfig(c2f_start=0.5, c2f_epochs=4)
     assert [crop_for_epoch(cfg, 32, e) for e in range(6)] == [16, 20, 24, 28, 32, 32]
-    assert crop_for_epoch(AbinitConfig(coarse_to_fine=False), 32, 0) == 32
+    assert crop_for_epoch(ScheduleConfig(coarse_to_fine=False), 32, 0) == 32
 
 
 def _cfg(**kw):
     base = dict(heads=2, epochs_amortized=2, min_epochs_amortized=2, epochs_autodecode=1, batch_size=32,
                 pose_iters=2, seed=5)
     base.update(kw)
-    return AbinitConfig(**base)
+    return AbinitConfig.from_dict(base)
 
 
 def test_same_seed_same_result(tiny):
     outs = []
     for _ in range(2):
-        eng = AbinitEngine(tiny["images"], tiny["apix"], tiny["ctf"], _cfg(), "cpu", progress=False)
+        eng = AbinitEngine(tiny["images"], tiny["apix"], _ctf(tiny), _cfg(), "cpu")
         assert eng.run() == "done"
         outs.append((eng.final_poses(), eng.decoder_map()))
     assert np.array_equal(outs[0][0][0], outs[1][0][0])
     assert np.array_equal(outs[0][0][1], outs[1][0][1])
     assert torch.equal(outs[0][1], outs[1][1])
-    eng3 = AbinitEngine(tiny["images"], tiny["apix"], tiny["ctf"], _cfg(seed=6), "cpu", progress=False)
+    eng3 = AbinitEngine(tiny["images"], tiny["apix"], _ctf(tiny), _cfg(seed=6), "cpu")
     eng3.run()
     assert not np.array_equal(eng3.final_poses()[0], outs[0][0][0])
 
 
 @pytest.mark.parametrize("stop_after", [2, 5])  # mid stage 1 (epoch 1) / in stage 2
 def test_resume_is_identical(tiny, stop_after):
-    ref = AbinitEngine(tiny["images"], tiny["apix"], tiny["ctf"], _cfg(), "cpu", progress=False)
+    ref = AbinitEngine(tiny["images"], tiny["apix"], _ctf(tiny), _cfg(), "cpu")
     ref.run()
-    eng = AbinitEngine(tiny["images"], tiny["apix"], tiny["ctf"], _cfg(), "cpu", progress=False)
+    eng = AbinitEngine(tiny["images"], tiny["apix"], _ctf(tiny), _cfg(), "cpu")
     calls = {"n": 0}
 
     def stop():
@@ -170,18 +176,18 @@ def test_resume_is_identical(tiny, stop_after):
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
     torch.manual_seed(123)  # resumed RNG state must not depend on what happened in between
-    eng2 = AbinitEngine(tiny["images"], tiny["apix"], tiny["ctf"], _cfg(), "cpu", progress=False)
+    eng2 = AbinitEngine(tiny["images"], tiny["apix"], _ctf(tiny), _cfg(), "cpu")
     eng2.load_state_dict(state)
     assert eng2.run() == "done"
     assert np.array_equal(eng2.final_poses()[0], ref.final_poses()[0])
     assert torch.equal(eng2.decoder_map(), ref.decoder_map())
-    assert eng2.history["loss"] == ref.history["loss"]
+    assert eng2.history.column("loss") == ref.history.column("loss")
 
 
 def test_history_keys(tiny):
-    eng = AbinitEngine(tiny["images"], tiny["apix"], tiny["ctf"], _cfg(), "cpu", progress=False)
+    eng = AbinitEngine(tiny["images"], tiny["apix"], _ctf(tiny), _cfg(), "cpu")
     eng.run()
-    h = eng.history
+    h = eng.history.to_json()  # the history.json layout that the report reads
     assert h["stage"] == [1, 1, 2] and h["switch_epoch"] == 2
     assert len(h["head_win_share"][0]) == 2 and h["head_win_share"][2] is None
     assert h["time_s"] == sorted(h["time_s"])
@@ -208,8 +214,8 @@ def test_exploration_winner_beats_bad_heads_and_distils(tiny):
     d0, j0 = nearest_head(rot0, R_true)
     out = stage1_step(enc, vol, opt_e, opt_v, b, "l1", extra_rot=R_true[:, None], extra_shift=t_true[:, None],
                       distill_weight=10.0)
-    assert (out["overall"] == 3).all()  # index M + 0: the extra candidate won every image
-    assert torch.allclose(out["rot"], R_true) and torch.allclose(out["shift"], t_true)
+    assert (out.overall == 3).all()  # index M + 0: the extra candidate won every image
+    assert torch.allclose(out.rot, R_true) and torch.allclose(out.shift, t_true)
     with torch.no_grad():
         rot1, _ = enc(b.images)
     d1 = ((rot1 - R_true[:, None]) ** 2).sum((-1, -2))
@@ -220,7 +226,7 @@ def test_exploration_winner_beats_bad_heads_and_distils(tiny):
 def test_volume_trained_by_overall_winner(tiny):
     """The volume gradient of the exploration step equals that of the loss at the winning extra pose
     (the heads' losses do not reach the volume when a non-head candidate wins)."""
-    from cryospin_relion.engine.losses import per_image_loss, render
+    from cryospin_relion.engine.forward import per_image_loss, render
     from cryospin_relion.engine.stage1 import stage1_step
 
     torch.manual_seed(0)
@@ -241,18 +247,20 @@ def test_volume_trained_by_overall_winner(tiny):
 
 def test_explore_off_is_pure_wta(tiny):
     """explore_candidates=0: no search, overall winner = winning head, memory holds the winning heads."""
-    eng = AbinitEngine(tiny["images"], tiny["apix"], tiny["ctf"], _cfg(explore_candidates=0), "cpu", progress=False)
+    eng = AbinitEngine(tiny["images"], tiny["apix"], _ctf(tiny), _cfg(explore_candidates=0), "cpu")
     b = eng.batch(torch.arange(4), 16)
     assert eng.explore(b, 0) is None
-    assert torch.equal(eng.win_R, torch.eye(3).repeat(eng.N, 1, 1))
+    assert torch.equal(eng.memory.rotations, torch.eye(3).repeat(eng.N, 1, 1))
     eng.run()
-    s = eng.history["winner_source_share"]
+    s = eng.history.column("winner_source_share")
     assert s[0] == {"heads": 1.0, "memory": 0.0, "local": 0.0, "global": 0.0} and s[-1] is None
 
 
 def test_search_finds_true_pose_on_known_map():
     """The gradient-free search (grid scan + local rounds) finds poses near the truth with the true map."""
-    from cryospin_relion.engine.stage1 import search_poses, super_fibonacci_rotations
+    from cryospin_relion.config import SearchConfig
+    from cryospin_relion.engine.stage1 import search_poses
+    from cryospin_relion.geometry.rotations import super_fibonacci_rotations
 
     n = 16
     d = simulate(n=16, N=16, apix=6.0, snr=1e6, max_shift_px=1.0, seed=4)
@@ -262,15 +270,17 @@ def test_search_finds_true_pose_on_known_map():
     g = torch.Generator().manual_seed(0)
     seeds_R = random_rotations(16, g).float()[:, None]
     seeds_t = d["t"][idx].float()[:, None]
-    out = search_poses(vol, b, seeds_R, seeds_t, g, super_fibonacci_rotations(2000), 8, 3, 8, 10.0, 0.0, 1.6)
-    err = geodesic_distance_deg(out["rot"].double(), d["R"][idx])
+    search = SearchConfig(explore_top=8, explore_rounds=3, explore_local=8, explore_local_deg=10.0,
+                          explore_shift_px=0.0, explore_grid_crop=0, explore_shift_range=0.0, explore_shift_step=1.0)
+    out = search_poses(vol, b, seeds_R, seeds_t, g, super_fibonacci_rotations(2000, dtype=torch.float32), search, 1.6)
+    err = geodesic_distance_deg(out.rot.double(), d["R"][idx])
     assert float(err.median()) < 5.0, err
 
 
 def test_super_fibonacci_is_near_uniform():
-    from cryospin_relion.engine.stage1 import super_fibonacci_rotations
+    from cryospin_relion.geometry.rotations import super_fibonacci_rotations
 
-    R = super_fibonacci_rotations(1000).double()
+    R = super_fibonacci_rotations(1000)
     assert torch.allclose(R @ R.transpose(-1, -2), torch.eye(3, dtype=torch.float64).expand(1000, 3, 3), atol=1e-6)
     probe = random_rotations(200, torch.Generator().manual_seed(0))
     nearest = geodesic_distance_deg(probe[:, None], R[None]).min(1).values
@@ -280,7 +290,7 @@ def test_super_fibonacci_is_near_uniform():
 # -- stage-1 subset, starts, low-resolution scan over rotations x shifts --------------------------------
 
 def test_recrop_equals_a_batch_prepared_at_the_smaller_box(tiny):
-    from cryospin_relion.engine.losses import recrop
+    from cryospin_relion.engine.forward import recrop
 
     idx = torch.arange(5)
     big, small = _batch(tiny, idx, 16), _batch(tiny, idx, 10)
@@ -293,7 +303,7 @@ def test_recrop_equals_a_batch_prepared_at_the_smaller_box(tiny):
 
 def test_grid_scores_over_shifts_rank_like_the_l2_loss(tiny):
     """grid_scores (B, T, G) = K * per-image L2 loss + a per-image constant, for every rotation and shift."""
-    from cryospin_relion.engine.losses import per_image_loss, render
+    from cryospin_relion.engine.forward import per_image_loss, render
     from cryospin_relion.engine.stage1 import grid_scores, shift_offsets
 
     n = 16
@@ -316,24 +326,24 @@ def test_grid_scores_over_shifts_rank_like_the_l2_loss(tiny):
 
 
 def test_stage_two_grows_the_fourier_box():
-    cfg = AbinitConfig(stage1_max_crop=32, c2f_stage2_epochs=2, c2f_start=0.375, c2f_epochs=4)
+    cfg = ScheduleConfig(stage1_max_crop=32, c2f_stage2_epochs=2, c2f_start=0.375, c2f_epochs=4)
     assert [crop_for_epoch(cfg, 64, e) for e in range(6)] == [12, 16, 22, 28, 32, 32]  # capped at 32
     assert [crop_for_epoch(cfg, 64, e, switch_epoch=5) for e in (5, 6, 7)] == [48, 64, 64]
-    assert crop_for_epoch(AbinitConfig(), 32, 0, switch_epoch=0) == 32  # box <= cap: full box in stage 2
+    assert crop_for_epoch(ScheduleConfig(), 32, 0, switch_epoch=0) == 32  # box <= cap: full box in stage 2
 
 
 def test_stage1_subset_and_first_poses_of_the_others(tiny):
-    eng = AbinitEngine(tiny["images"], tiny["apix"], tiny["ctf"], _cfg(stage1_particles=40, stage1_trials=1),
-                       "cpu", progress=False)
+    eng = AbinitEngine(tiny["images"], tiny["apix"], _ctf(tiny), _cfg(stage1_particles=40, stage1_trials=1),
+                       "cpu")
     assert len(eng.s1_idx) == 40 and len(torch.unique(eng.s1_idx)) == 40
-    R0 = eng.win_R.clone()
+    R0 = eng.memory.rotations.clone()
     out = torch.ones(eng.N, dtype=torch.bool)
     out[eng.s1_idx] = False
     seen = []
     orig = eng.batch
 
     def spy(idx, crop):
-        if eng.stage == 1 and not eng.in_trials:
+        if eng.stage == 1 and eng.resumable:
             seen.append(idx.clone())
         return orig(idx, crop)
 
@@ -344,20 +354,20 @@ def test_stage1_subset_and_first_poses_of_the_others(tiny):
     assert bool(torch.isin(first, eng.s1_idx).all())
     # every particle outside the subset got a pose from the pass (not its random start)
     assert float(geodesic_distance_deg(R0[out].double(), eng.table.rotations[out].double()).min()) > 0
-    assert "assign_s" in eng.history
+    assert eng.history.assign_s is not None and eng.history.assign_s > 0
 
 
 def test_several_starts_keep_the_lowest_loss(tiny):
     cfg = _cfg(stage1_trials=3, stage1_trial_epochs=1, epochs_amortized=3, min_epochs_amortized=3)
-    eng = AbinitEngine(tiny["images"], tiny["apix"], tiny["ctf"], cfg, "cpu", progress=False)
+    eng = AbinitEngine(tiny["images"], tiny["apix"], _ctf(tiny), cfg, "cpu")
     seen = []
-    assert eng.run(on_trial_epoch_end=lambda e: seen.append((e.trial, e.history["loss"][-1]))) == "done"
-    tr = eng.history["trials"]
-    assert [t for t, _ in seen] == [0, 1, 2] and tr["loss"] == [l for _, l in seen]
-    assert tr["chosen"] == int(np.argmin(tr["loss"])) == eng.trial
-    assert eng.history["loss"][0] == tr["loss"][tr["chosen"]]  # the chosen start's own first epoch
+    assert eng.run(on_trial_epoch_end=lambda e: seen.append((e.trial, e.history.last.loss))) == "done"
+    tr = eng.history.trials
+    assert [t for t, _ in seen] == [0, 1, 2] and tr.loss == [l for _, l in seen]
+    assert tr.chosen == int(np.argmin(tr.loss)) == eng.trial
+    assert eng.history.epochs[0].loss == tr.loss[tr.chosen]  # the chosen start's own first epoch
     # a stop during the starts resets the engine to the beginning (nothing half-chosen is checkpointed)
-    eng2 = AbinitEngine(tiny["images"], tiny["apix"], tiny["ctf"], cfg, "cpu", progress=False)
+    eng2 = AbinitEngine(tiny["images"], tiny["apix"], _ctf(tiny), cfg, "cpu")
     calls = {"n": 0}
 
     def stop():
@@ -365,4 +375,4 @@ def test_several_starts_keep_the_lowest_loss(tiny):
         return calls["n"] >= 4  # in the second start
 
     assert eng2.run(should_stop=stop) == "stopped"
-    assert (eng2.epoch, eng2.batch_pos, eng2.trial, eng2.history["epoch"]) == (0, 0, 0, [])
+    assert (eng2.epoch, eng2.batch_pos, eng2.trial, eng2.history.column("epoch")) == (0, 0, 0, [])

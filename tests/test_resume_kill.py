@@ -48,7 +48,7 @@ def _completed_epochs(out: Path) -> int:
     if not ck.is_file():
         return 0
     state = torch.load(ck, map_location="cpu", weights_only=True)
-    return len(state["history"]["epoch"])
+    return len(state["engine"]["history"]["epochs"])
 
 
 def test_sigkill_at_random_moments_then_resume(star, tmp_path):
@@ -121,7 +121,7 @@ def test_timed_checkpoint_mid_epoch(star, tmp_path):
                 state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
             except Exception:  # noqa: BLE001 - replaced while reading
                 continue
-            if state["batch_pos"] > 0:
+            if state["engine"]["batch_pos"] > 0:
                 mid = state
                 break
         time.sleep(0.05)

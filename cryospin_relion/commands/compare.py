@@ -96,10 +96,10 @@ def compare_poses(est_path: str, true_path: str) -> dict:
 def main(args) -> int:
     import torch
 
-    from cryospin_relion.evaluate.align import MIRROR, align_maps, transform_volume
-    from cryospin_relion.evaluate.pose_error import angle_of
+    from cryospin_relion.evaluate.align import align_maps, transform_volume
     from cryospin_relion.geometry.fsc import fsc, resolution_at, shell_resolution
-    from cryospin_relion.geometry.rotations import so3_log
+    from cryospin_relion.geometry.hand import MIRROR
+    from cryospin_relion.geometry.rotations import rotation_angle_deg, so3_log
 
     t0 = time.perf_counter()
     if (args.poses is None) != (args.true_poses is None):
@@ -138,7 +138,7 @@ def main(args) -> int:
     curve = fsc(torch.as_tensor(aligned), torch.as_tensor(ref)).numpy()
     shells = shell_resolution(n, apix)
     rv = so3_log(torch.as_tensor(res.rotation)).numpy()
-    ang = angle_of(res.rotation)
+    ang = float(rotation_angle_deg(torch.as_tensor(res.rotation)))
     out = {
         "map": args.map, "ref": args.ref, "box": n, "apix": apix,
         "mirror": res.mirror,
@@ -164,7 +164,7 @@ def main(args) -> int:
         H = np.asarray(pose_result["global_rotation"])
         if pose_result["mirror"]:
             H = MIRROR @ H @ MIRROR
-        pose_result["map_vs_pose_rotation_deg"] = round(angle_of(H.T @ res.rotation), 3)
+        pose_result["map_vs_pose_rotation_deg"] = round(float(rotation_angle_deg(torch.as_tensor(H.T @ res.rotation))), 3)
         pose_result["same_hand_as_map"] = bool(pose_result["mirror"] == res.mirror)
         out["poses"] = pose_result
     if args.o_aligned:

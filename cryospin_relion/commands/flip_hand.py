@@ -25,7 +25,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     import numpy as np
 
-    from cryospin_relion.evaluate.align import flip_poses_hand, flip_volume_hand
+    from cryospin_relion.geometry.hand import flip_poses_hand, flip_volume_hand
     from cryospin_relion.io.mrc import read_mrc, write_mrc
 
     if (args.poses is None) != (args.o_poses is None):

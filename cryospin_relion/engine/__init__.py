@@ -1,8 +1,11 @@
 """The cryoSPIN engine (no file I/O): stage 1 auto-encoding, the switch, stage 2 auto-decoding.
 
-- ``run.AbinitEngine(images (N, n, n), apix_work, ctf dict of (N,) tensors | None, AbinitConfig, device)``
-  ``.run(should_stop, on_epoch_end) -> "done" | "stopped"``, ``.final_poses()``, ``.decoder_map()``,
-  ``.state_dict()`` / ``.load_state_dict()`` (checkpoint of tensors/dicts/lists/primitives), ``.history``.
-- ``stage1.stage1_step`` / ``stage1.winner_takes_all``; ``stage2.stage2_step``;
-  ``losses.prepare_batch`` / ``losses.render`` / ``losses.per_image_loss``.
+- ``run.AbinitEngine``: the state of a run and its schedule (see its module docstring for the
+  small interface the run lifecycle uses).
+- ``schedule``: Fourier box per epoch, batch order, every random seed (pure functions).
+- ``history``: the typed per-epoch records and their ``history.json`` layout.
+- ``particles``: the images, pixel sizes and CTFs as the engine reads them.
+- ``forward``: the forward model (``Batch``, ``prepare_batch``, ``render``, ``per_image_loss``).
+- ``stage1``: winner-takes-all over the heads, the pose search, one stage-1 step.
+- ``stage2``: one stage-2 step (per-particle poses, then the volume).
 """

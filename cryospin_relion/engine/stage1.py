@@ -43,27 +43,53 @@ also seeds of the search, so a better encoder starts the search closer.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from cryospin_relion.engine.losses import Batch, per_image_loss, recrop, render
+from cryospin_relion.config import SearchConfig
+from cryospin_relion.engine.forward import Batch, per_image_loss, recrop, render
+from cryospin_relion.geometry.rotations import random_rotations, so3_exp
+from cryospin_relion.geometry.shifts import hartley_shift
 
 
-def multihead_losses(encoder, volume, batch: Batch, loss_kind: str = "l1", threads: int | None = None,
-                     grid: Tensor | None = None):
+@dataclass
+class SearchResult:
+    """The best pose of each image of a batch found by ``search_poses``."""
+
+    rot: Tensor  # (B, 3, 3) RELION A
+    shift: Tensor  # (B, 2) working-box px
+    loss: Tensor  # (B,)
+    source: Tensor  # (B,) 0 = a seed other than the first, 1 = the first seed (memory), 2 = refinement, 3 = global
+
+
+@dataclass
+class Stage1Result:
+    """One stage-1 step: the mean loss of the overall winners, the best head of each image (B,), the index
+    of the overall winner in heads + extra candidates (B,) (M + e for extra candidate e), and the overall
+    winning pose (detached)."""
+
+    loss: float
+    win: Tensor
+    overall: Tensor
+    rot: Tensor
+    shift: Tensor
+
+
+def multihead_losses(encoder, volume, batch: Batch, loss_kind: str = "l1", grid: Tensor | None = None):
     """Per-image, per-head losses (B, M) and the candidate poses."""
     rot, shift = encoder(batch.images)  # (B, M, 3, 3), (B, M, 2)
-    per = candidate_losses(volume, batch, rot, shift, loss_kind, threads, grid)
+    per = candidate_losses(volume, batch, rot, shift, loss_kind, grid)
     return per, rot, shift
 
 
 def candidate_losses(volume, batch: Batch, rot: Tensor, shift: Tensor, loss_kind: str = "l1",
-                     threads: int | None = None, grid: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
+                     grid: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
     """Losses (B', C) of candidate poses rot (B', C, 3, 3), shift (B', C, 2) against the batch's images
     (``rows`` selects the images, default all)."""
     B, C = rot.shape[:2]
-    sl = volume.slices(rot.reshape(B * C, 3, 3), crop=batch.crop, grid=grid, threads=threads)
+    sl = volume.slices(rot.reshape(B * C, 3, 3), crop=batch.crop, grid=grid)
     ctf = batch.ctf if rows is None or batch.ctf is None else batch.ctf[rows]
     target = batch.target if rows is None else batch.target[rows]
     ctf = None if ctf is None else ctf.repeat_interleave(C, 0)
@@ -71,21 +97,8 @@ def candidate_losses(volume, batch: Batch, rot: Tensor, shift: Tensor, loss_kind
     return per_image_loss(model, target[:, None], batch.mask, loss_kind)  # (B, C)
 
 
-def super_fibonacci_rotations(n: int, dtype=torch.float32) -> Tensor:
-    """(n, 3, 3) near-uniform rotations: the super-Fibonacci spiral on the unit quaternions (Alexa, CVPR 2022)."""
-    from cryospin_relion.geometry.rotations import quaternion_to_matrix
-
-    s = torch.arange(n, dtype=torch.float64) + 0.5
-    r, R = torch.sqrt(s / n), torch.sqrt(1 - s / n)
-    a = 2 * torch.pi * s / 2**0.5
-    b = 2 * torch.pi * s / 1.533751168755204288118041
-    q = torch.stack([r * torch.sin(a), r * torch.cos(a), R * torch.sin(b), R * torch.cos(b)], -1)
-    return quaternion_to_matrix(q).to(dtype)
-
-
 @torch.no_grad()
-def grid_scores(volume, batch: Batch, grid_rot: Tensor, shift: Tensor, grid: Tensor | None = None,
-                threads: int | None = None) -> Tensor:
+def grid_scores(volume, batch: Batch, grid_rot: Tensor, shift: Tensor, grid: Tensor | None = None) -> Tensor:
     """L2 losses (B, T, G) of every image against every rotation of ``grid_rot`` (G, 3, 3), each image at
     each of its T shifts ``shift`` (B, T, 2) (or (B, 2): T = 1), up to a per-image constant.
 
@@ -93,12 +106,10 @@ def grid_scores(volume, batch: Batch, grid_rot: Tensor, shift: Tensor, grid: Ten
     ||c S_r - shift_-t(y)||^2 and the scores are two matrix products of the G slices with the B * T
     shifted images: sum_k c_i^2 S_r^2 - 2 sum_k c_i S_r y'_it (cheap enough to scan thousands of rotations
     times a few dozen shifts per image)."""
-    from cryospin_relion.geometry.shifts import hartley_shift
-
     if shift.ndim == 2:
         shift = shift[:, None]
     B, T = shift.shape[:2]
-    S = volume.slices(grid_rot, crop=batch.crop, grid=grid, threads=threads)[:, batch.mask]  # (G, K)
+    S = volume.slices(grid_rot, crop=batch.crop, grid=grid)[:, batch.mask]  # (G, K)
     y = hartley_shift(batch.target.repeat_interleave(T, 0), -shift.reshape(B * T, 2) * (batch.crop / batch.box))
     y = y[:, batch.mask].reshape(B, T, -1)  # (B, T, K)
     if batch.ctf is None:
@@ -119,26 +130,24 @@ def shift_offsets(half_range: float, step: float, device=None) -> Tensor:
 
 @torch.no_grad()
 def search_poses(volume, batch: Batch, seed_rot: Tensor, seed_shift: Tensor, generator: torch.Generator,
-                 grid_rot: Tensor, top: int, rounds: int, local_n: int, local_deg: float, shift_px: float,
-                 max_shift: float, loss_kind: str = "l1", threads: int | None = None, chunk: int = 8192,
-                 grid_crop: int = 0, shift_range: float = 0.0, shift_step: float = 1.0) -> dict:
+                 grid_rot: Tensor | None, search: SearchConfig, max_shift: float, loss_kind: str = "l1",
+                 chunk: int = 8192) -> SearchResult:
     """Stochastic pose search without gradient (the exploration candidate of each image of one batch).
 
     Global step: every rotation of ``grid_rot`` (G, 3, 3), turned by one random rotation per batch
-    (``grid_rot @ Q``), is scored with ``grid_scores`` (L2) at each shift of a square grid (``shift_step``
-    px, out to +-``shift_range`` px) around the image's first seed shift, the best shift is kept per
-    rotation, and the ``top`` best rotations per image are kept with their shifts; the scan is done at the Fourier box ``grid_crop`` when that is smaller than the
+    (``grid_rot @ Q``), is scored with ``grid_scores`` (L2) at each shift of a square grid
+    (``explore_shift_step`` px, out to +-``explore_shift_range`` x box) around the image's first seed shift;
+    the best shift is kept per rotation, and the ``explore_top`` best rotations per image are kept with
+    their shifts. The scan is done at the Fourier box ``explore_grid_crop`` when that is smaller than the
     batch's (0 = the batch's): at low resolution a grid of ~15 degree spacing still ranks the right basin
-    first, and the scan costs grid_crop^2. Round 0 scores them together with the seeds (B, S) -- the remembered pose
-    first, then e.g. the heads' poses -- with the configured loss; each of ``rounds`` refinement rounds
-    scores ``local_n`` perturbations of the current best, so3_exp(w) @ R_best with w a random rotation
-    vector of RMS angle local_deg / 2^r and the shift jittered by shift_px / 2^r (RMS), and keeps the best.
-    Random numbers come from ``generator`` (on the CPU). Returns rot (B, 3, 3), shift (B, 2), loss (B,) of
-    the best candidate and its source (B,): 0 = a seed other than the first, 1 = the first seed (memory),
-    2 = a refinement, 3 = a global candidate.
+    first, and the scan costs grid_crop^2. Round 0 scores them together with the seeds (B, S) -- the
+    remembered pose first, then e.g. the heads' poses -- with the configured loss; each of
+    ``explore_rounds`` refinement rounds scores ``explore_local`` perturbations of the current best,
+    so3_exp(w) @ R_best with w a random rotation vector of RMS angle explore_local_deg / 2^r and the shift
+    jittered by explore_shift_px / 2^r (RMS), and keeps the best. Random numbers come from ``generator``
+    (on the CPU). Shifts stay within +-``max_shift`` px.
     """
-    from cryospin_relion.geometry.rotations import random_rotations, so3_exp
-
+    top, rounds, local_n = search.explore_top, search.explore_rounds, search.explore_local
     grid = volume.grid().detach()
     dev = seed_rot.device
     B, S = seed_rot.shape[:2]
@@ -146,7 +155,7 @@ def search_poses(volume, batch: Batch, seed_rot: Tensor, seed_shift: Tensor, gen
     def score(R, t):
         C = R.shape[1]
         step = max(1, chunk // C)
-        return torch.cat([candidate_losses(volume, batch, R[a:a + step], t[a:a + step], loss_kind, threads, grid,
+        return torch.cat([candidate_losses(volume, batch, R[a:a + step], t[a:a + step], loss_kind, grid,
                                            torch.arange(a, min(B, a + step), device=dev))
                           for a in range(0, B, step)], 0)
 
@@ -154,9 +163,10 @@ def search_poses(volume, batch: Batch, seed_rot: Tensor, seed_shift: Tensor, gen
     if grid_rot is not None and len(grid_rot) and top > 0:
         Q = random_rotations(1, generator, dtype=torch.float32)[0].to(dev)
         G = grid_rot.to(dev) @ Q
-        gb = recrop(batch, grid_crop) if grid_crop else batch
-        ts = (seed_shift[:, :1] + shift_offsets(shift_range, shift_step, dev)[None]).clamp(-max_shift, max_shift)
-        sc, jt = grid_scores(volume, gb, G, ts, grid, threads).min(1)  # (B, G): best shift per rotation
+        gb = recrop(batch, search.explore_grid_crop) if search.explore_grid_crop else batch
+        offsets = shift_offsets(search.explore_shift_range * batch.box, search.explore_shift_step, dev)
+        ts = (seed_shift[:, :1] + offsets[None]).clamp(-max_shift, max_shift)
+        sc, jt = grid_scores(volume, gb, G, ts, grid).min(1)  # (B, G): best shift per rotation
         kk = sc.topk(min(top, len(G)), dim=1, largest=False).indices
         Rc = torch.cat([seed_rot, G[kk]], 1)
         tc = torch.cat([seed_shift, torch.gather(ts, 1, jt.gather(1, kk)[..., None].expand(-1, -1, 2))], 1)
@@ -168,9 +178,10 @@ def search_poses(volume, batch: Batch, seed_rot: Tensor, seed_shift: Tensor, gen
     for r in range(rounds):
         if local_n <= 0:
             break
-        w = torch.randn(B, local_n, 3, generator=generator) * (math.radians(local_deg) / 2**r / math.sqrt(3))
+        w = torch.randn(B, local_n, 3, generator=generator) * (math.radians(search.explore_local_deg) / 2**r / math.sqrt(3))
         Rl = so3_exp(w.to(dev)) @ best_R[:, None]
-        tl = best_t[:, None] + torch.randn(B, local_n, 2, generator=generator).to(dev) * (shift_px / 2**r / math.sqrt(2))
+        jitter = search.explore_shift_px / 2**r / math.sqrt(2)
+        tl = best_t[:, None] + torch.randn(B, local_n, 2, generator=generator).to(dev) * jitter
         tl = tl.clamp(-max_shift, max_shift)
         pl = score(Rl, tl)
         j = pl.argmin(1)
@@ -179,7 +190,7 @@ def search_poses(volume, batch: Batch, seed_rot: Tensor, seed_shift: Tensor, gen
         best_t = torch.where(better[:, None], tl[ar, j], best_t)
         best_l = torch.where(better, pl[ar, j], best_l)
         src = torch.where(better, 2, src)
-    return {"rot": best_R, "shift": best_t, "loss": best_l, "source": src}
+    return SearchResult(best_R, best_t, best_l, src)
 
 
 def winner_takes_all(per: Tensor) -> tuple[Tensor, Tensor]:
@@ -195,36 +206,33 @@ def nearest_head(rot: Tensor, R_best: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def stage1_step(encoder, volume, opt_encoder, opt_volume, batch: Batch, loss_kind: str = "l1",
-                threads: int | None = None, extra_rot: Tensor | None = None, extra_shift: Tensor | None = None,
-                distill_weight: float = 1.0, chunk: int = 8192) -> dict:
-    """One optimisation step of encoder and decoder; returns loss, winners and winning poses (detached).
+                extra_rot: Tensor | None = None, extra_shift: Tensor | None = None,
+                distill_weight: float = 1.0, chunk: int = 8192) -> Stage1Result:
+    """One optimisation step of encoder and decoder.
 
     ``extra_rot`` (B, E, 3, 3) / ``extra_shift`` (B, E, 2): exploration candidates (detached; see the
-    module docstring); None = the reference winner-takes-all over the heads. In the result, ``win`` is the
-    winning head (B,) (the head with the lowest loss), ``overall`` the index of the overall winner in
-    heads + extra candidates (M + e for extra candidate e), ``rot`` / ``shift`` the overall winning pose.
+    module docstring); None = the reference winner-takes-all over the heads.
     """
     encoder.train()
     opt_encoder.zero_grad(set_to_none=True)
     opt_volume.zero_grad(set_to_none=True)
     if extra_rot is None or extra_rot.shape[1] == 0:
-        per, rot, shift = multihead_losses(encoder, volume, batch, loss_kind, threads)
+        per, rot, shift = multihead_losses(encoder, volume, batch, loss_kind)
         loss, win = winner_takes_all(per)
         loss.backward()
         opt_encoder.step()
         opt_volume.step()
         ar = torch.arange(win.shape[0], device=win.device)
-        return {"loss": float(loss.detach()), "win": win, "overall": win,
-                "rot": rot.detach()[ar, win], "shift": shift.detach()[ar, win]}
+        return Stage1Result(float(loss.detach()), win, win, rot.detach()[ar, win], shift.detach()[ar, win])
 
     grid = volume.grid()
     gd = grid.detach()
-    per_h, rot, shift = multihead_losses(encoder, volume, batch, loss_kind, threads, grid)  # (B, M)
+    per_h, rot, shift = multihead_losses(encoder, volume, batch, loss_kind, grid)  # (B, M)
     B, M = per_h.shape
     E = extra_rot.shape[1]
     with torch.no_grad():
         per_x = torch.cat([candidate_losses(volume, batch, extra_rot[a:a + chunk // E], extra_shift[a:a + chunk // E],
-                                            loss_kind, threads, gd, torch.arange(a, min(B, a + chunk // E)))
+                                            loss_kind, gd, torch.arange(a, min(B, a + chunk // E)))
                            for a in range(0, B, max(1, chunk // E))], 0)  # (B, E)
     ar = torch.arange(B, device=per_h.device)
     win_h = per_h.detach().argmin(1)
@@ -238,9 +246,9 @@ def stage1_step(encoder, volume, opt_encoder, opt_volume, batch: Batch, loss_kin
     nh = (~head_won).nonzero()[:, 0]
     if len(nh):
         # the volume is trained at the winning extra pose (a constant) ...
-        per_b = candidate_losses(volume, batch, R_win[nh, None], t_win[nh, None], loss_kind, threads, grid, nh)[:, 0]
+        per_b = candidate_losses(volume, batch, R_win[nh, None], t_win[nh, None], loss_kind, grid, nh)[:, 0]
         # ... the encoder by its own WTA loss with the volume held fixed, plus the distillation pull
-        per_he = candidate_losses(volume, batch, rot[nh], shift[nh], loss_kind, threads, gd, nh)
+        per_he = candidate_losses(volume, batch, rot[nh], shift[nh], loss_kind, gd, nh)
         d_rot, j = nearest_head(rot[nh], R_win[nh])
         ms = max(float(encoder.max_shift), 1.0)
         d_t = ((shift[nh, j] - t_win[nh]) ** 2).sum(-1) / ms**2
@@ -251,4 +259,4 @@ def stage1_step(encoder, volume, opt_encoder, opt_volume, batch: Batch, loss_kin
     opt_encoder.step()
     opt_volume.step()
     loss = torch.minimum(loss_h.detach(), per_x[ar, best_x]).mean()
-    return {"loss": float(loss), "win": win_h, "overall": overall, "rot": R_win, "shift": t_win}
+    return Stage1Result(float(loss), win_h, overall, R_win, t_win)

@@ -6,28 +6,38 @@ Adam in ``model.pose_table``), then ``vol_iters`` steps on the volume (poses fix
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from cryospin_relion.engine.losses import Batch, per_image_loss, render
+from cryospin_relion.engine.forward import Batch, per_image_loss, render
 
 
-def pose_loss(volume_grid, volume, table, batch: Batch, delta=None, dshift=None, loss_kind="l1", threads=None):
+@dataclass
+class Stage2Result:
+    """One stage-2 batch: the loss of the last volume step (after the pose steps), and the loss before them."""
+
+    loss: float
+    loss_before_pose: float | None
+
+
+def pose_loss(volume_grid, volume, table, batch: Batch, delta=None, dshift=None, loss_kind="l1"):
     """Per-image losses (B,) at the table's poses (optionally perturbed)."""
     R, t = table.poses(batch.idx, delta, dshift)
-    sl = volume.slices(R, crop=batch.crop, grid=volume_grid, threads=threads)
+    sl = volume.slices(R, crop=batch.crop, grid=volume_grid)
     model = render(sl, batch.ctf, t, batch.box)
     return per_image_loss(model, batch.target, batch.mask, loss_kind)
 
 
 def stage2_step(volume, table, opt_volume, batch: Batch, pose_iters: int = 5, vol_iters: int = 1,
-                loss_kind: str = "l1", threads: int | None = None) -> dict:
-    """Alternate pose and volume steps on one batch; returns the last volume-step loss."""
+                loss_kind: str = "l1") -> Stage2Result:
+    """Alternate pose and volume steps on one batch."""
     with torch.no_grad():
         grid = volume.grid()
     first = None
     for _ in range(pose_iters):
         delta, dshift = table.perturbation(batch.idx)
-        per = pose_loss(grid, volume, table, batch, delta, dshift, loss_kind, threads)
+        per = pose_loss(grid, volume, table, batch, delta, dshift, loss_kind)
         if first is None:
             first = float(per.detach().mean())
         # sum over images: each row's gradient is its own image's loss gradient
@@ -36,12 +46,12 @@ def stage2_step(volume, table, opt_volume, batch: Batch, pose_iters: int = 5, vo
     loss = first
     for _ in range(vol_iters):
         opt_volume.zero_grad(set_to_none=True)
-        per = pose_loss(None, volume, table, batch, loss_kind=loss_kind, threads=threads)
+        per = pose_loss(None, volume, table, batch, loss_kind=loss_kind)
         l = per.mean()
         l.backward()
         opt_volume.step()
         loss = float(l.detach())
     if loss is None:
         with torch.no_grad():
-            loss = float(pose_loss(grid, volume, table, batch, loss_kind=loss_kind, threads=threads).mean())
-    return {"loss": loss, "loss_before_pose": first}
+            loss = float(pose_loss(grid, volume, table, batch, loss_kind=loss_kind).mean())
+    return Stage2Result(loss, first)

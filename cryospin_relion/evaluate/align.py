@@ -1,8 +1,8 @@
-"""Map alignment over rotations, translations and the hand (mirror), and the hand flip itself.
+"""Map alignment over rotations, translations and the hand (mirror).
 
 Transform convention. ``transform_volume(vol, R, t, mirror)`` returns
 
-    out(r) = m(R^T (r - t)),   m = flip_volume_hand(vol) if mirror else vol
+    out(r) = m(R^T (r - t)),   m = hand.flip_volume_hand(vol) if mirror else vol
 
 with r measured from the centre voxel N // 2, r = (x, y, z) in voxels (x the
 MRC fast axis): the density is (mirrored, then) rotated by R about the centre,
@@ -14,7 +14,7 @@ blur the map the way real-space interpolation would.
 Poses. If V' = transform_volume(V, R) then the projection of V' at RELION pose
 A' equals the projection of V at A' R (so poses of V' are A R^T). The mirror
 (z flip about the centre) changes a pose A to M A M, M = diag(1, 1, -1), with
-unchanged origins: ``flip_poses_hand``. Both facts are checked by projecting in
+unchanged origins: ``geometry.hand.flip_poses_hand``. Both facts are checked by projecting in
 tests/test_flip_hand.py and tests/test_compare.py.
 
 ``align_maps(mov, ref)`` finds (R, t, mirror) maximising the correlation of
@@ -33,66 +33,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cryospin_relion.geometry.fourier import fft3_centered, fourier_crop_3d, ifft3_centered
-from cryospin_relion.geometry.rotations import quaternion_to_matrix, so3_exp, so3_log
+from cryospin_relion.geometry.hand import flip_volume_hand
+from cryospin_relion.geometry.rotations import (
+    geodesic_distance_deg, rotation_angle_deg, so3_exp, super_fibonacci_rotations,
+)
+from cryospin_relion.geometry.sampling import sample_spectrum
 from cryospin_relion.geometry.slicing import volume_to_projector
 
-__all__ = [
-    "MIRROR", "flip_volume_hand", "flip_poses_hand", "super_fibonacci_rotations", "transform_volume",
-    "AlignResult", "align_maps",
-]
-
-MIRROR = np.diag([1.0, 1.0, -1.0])
+__all__ = ["transform_volume", "AlignResult", "align_maps"]
 
 
-# -- the hand ------------------------------------------------------------------------------------
-
-
-def flip_volume_hand(vol):
-    """Mirror a map along z about its centre voxel N // 2 (RELION / cryoSPARC "flip hand").
-
-    Index i -> (2 (N // 2) - i) mod N along z, which is (N - i) mod N for even N
-    (index 0, the unpaired edge plane, maps to itself) and N - 1 - i for odd N;
-    the centre plane N // 2 stays in place. Works on numpy arrays and tensors
-    of shape (..., z, y, x).
-    """
-    n = vol.shape[-3]
-    idx = (2 * (n // 2) - np.arange(n)) % n
-    if isinstance(vol, Tensor):
-        return vol.index_select(-3, torch.as_tensor(idx, device=vol.device))
-    return np.ascontiguousarray(np.take(vol, idx, axis=-3))
-
-
-def flip_poses_hand(rotations):
-    """Poses of the hand-flipped map: A -> M A M, M = diag(1, 1, -1) (origins unchanged).
-
-    Projections of ``flip_volume_hand(V)`` at the returned poses equal those of V
-    at ``rotations``. In RELION Euler angles this is (rot, tilt, psi) -> (rot + 180,
-    tilt, psi + 180). Numpy arrays or tensors (..., 3, 3).
-    """
-    if isinstance(rotations, Tensor):
-        m = torch.as_tensor(MIRROR, dtype=rotations.dtype, device=rotations.device)
-        return m @ rotations @ m
-    a = np.asarray(rotations, dtype=np.float64)
-    return MIRROR @ a @ MIRROR
-
-
-# -- rotation sets and volume transforms -----------------------------------------------------------
-
-
-def super_fibonacci_rotations(n: int, dtype=torch.float64) -> Tensor:
-    """(n, 3, 3) quasi-uniform rotations (super-Fibonacci spiral quaternions, Alexa 2022)."""
-    phi = math.sqrt(2.0)
-    psi = 1.533751168755204288118041
-    s = torch.arange(n, dtype=torch.float64) + 0.5
-    t = s / n
-    r, rr = torch.sqrt(t), torch.sqrt(1.0 - t)
-    a, b = 2 * math.pi * s / phi, 2 * math.pi * s / psi
-    q = torch.stack([r * torch.sin(a), r * torch.cos(a), rr * torch.sin(b), rr * torch.cos(b)], -1)
-    return quaternion_to_matrix(q).to(dtype)
+# -- volume transforms ---------------------------------------------------------------------------
 
 
 def _freq_coords(n: int, dtype=torch.float32) -> Tensor:
@@ -100,33 +54,6 @@ def _freq_coords(n: int, dtype=torch.float32) -> Tensor:
     k = torch.arange(n, dtype=dtype) - n // 2
     kz, ky, kx = torch.meshgrid(k, k, k, indexing="ij")
     return torch.stack([kx, ky, kz], -1)
-
-
-def _sample_rotated(spec: Tensor, rotations: Tensor, n: int, base: int, crop: int | None = None,
-                    chunks: int = 1) -> Tensor:
-    """F(R^T k) for the centred frequencies k of a box ``n``-grid (or its central ``crop``).
-
-    Args:
-        spec: (D, D, D) complex centred spectrum of a volume of box ``base`` padded to D.
-        rotations: (B, 3, 3) R.
-    Returns:
-        (B, c, c, c) complex, c = crop or n.
-    """
-    D = spec.shape[-1]
-    c = crop or n
-    k = _freq_coords(c, spec.real.dtype) * (D / base)  # padded-voxel units
-    q = torch.einsum("zyxi,bij->bzyxj", k, rotations.to(spec.real.dtype))  # (R^T k)_j = sum_i R_ij k_i
-    g = (q + D // 2) * (2.0 / (D - 1)) - 1.0
-    vol = torch.view_as_real(spec).permute(3, 0, 1, 2)  # (2, D, D, D)
-    B = rotations.shape[0]
-    outs = []
-    step = max(1, -(-B // chunks))
-    for a in range(0, B, step):
-        gb = g[a:a + step]
-        v = vol.unsqueeze(0).expand(gb.shape[0], *vol.shape)
-        o = F.grid_sample(v, gb, mode="bilinear", padding_mode="zeros", align_corners=True)
-        outs.append(torch.complex(o[:, 0], o[:, 1]))
-    return torch.cat(outs, 0)
 
 
 def _ramp3(t: Tensor, n: int, dtype=torch.float64) -> Tensor:
@@ -153,32 +80,16 @@ def transform_volume(vol, rotation=None, shift=None, mirror: bool = False) -> np
         ft = fft3_centered(v.double())
     else:
         spec = volume_to_projector(v, pad=2)
-        ft = _sample_rotated(spec, torch.as_tensor(np.asarray(rotation))[None], n, n)[0].to(torch.complex128)
+        D = spec.shape[-1]
+        k = _freq_coords(n, spec.real.dtype) * (D / n)  # padded-voxel units
+        q = torch.einsum("zyxi,ij->zyxj", k, torch.as_tensor(np.asarray(rotation)).to(k.dtype))  # R^T k
+        ft = sample_spectrum(spec, q).to(torch.complex128)
     if shift is not None:
         ft = ft * _ramp3(torch.as_tensor(np.asarray(shift, dtype=np.float64)), n)
     return ifft3_centered(ft).real.float().numpy()
 
 
 # -- scoring ------------------------------------------------------------------------------------
-
-
-def _sample_points(spec: Tensor, q: Tensor, threads: int) -> Tensor:
-    """Trilinear samples of a centred (D, D, D) complex spectrum at points q (..., 3) (x, y, z),
-    in padded-voxel units relative to the centre D // 2. Returns (...) complex."""
-    D = spec.shape[-1]
-    shape = q.shape[:-1]
-    g = ((q.reshape(-1, 3) + D // 2) * (2.0 / (D - 1)) - 1.0).to(spec.real.dtype)
-    P = g.shape[0]
-    chunks = max(1, min(threads, P // 4096 or 1))
-    per = -(-P // chunks)
-    if per * chunks != P:
-        g = torch.cat([g, g.new_zeros(per * chunks - P, 3)])
-    vol = torch.view_as_real(spec).permute(3, 0, 1, 2)  # (2, D, D, D)
-    out = F.grid_sample(vol.unsqueeze(0).expand(chunks, *vol.shape), g.reshape(chunks, 1, 1, per, 3),
-                        mode="bilinear", padding_mode="zeros", align_corners=True)  # (chunks, 2, 1, 1, per)
-    out = out.reshape(chunks, 2, per)
-    re, im = out[:, 0].reshape(-1)[:P], out[:, 1].reshape(-1)[:P]
-    return torch.complex(re, im).reshape(shape)
 
 
 class _Scorer:
@@ -213,12 +124,11 @@ class _Scorer:
         fr = torch.fft.rfftn(torch.fft.ifftshift(r.double(), dim=(0, 1, 2))).reshape(-1)[self.idx]
         self.fref = fr.to(torch.complex64)
         self.ref_norm = float((self.w.double() * fr.abs().pow(2)).sum().sqrt())
-        self.threads = max(1, torch.get_num_threads())
 
     def spectra(self, rotations: Tensor, mirror: bool) -> Tensor:
         """(B, M) F_m(R^T k) at the scored frequencies."""
         q = self.kq[None] @ rotations.to(torch.float32)  # (R^T k)_j = sum_i k_i R_ij
-        return _sample_points(self.spec[mirror], q, self.threads)
+        return sample_spectrum(self.spec[mirror], q)
 
     def _norm(self, fm: Tensor) -> Tensor:
         p = torch.view_as_real(fm).pow(2).sum(-1) @ self.w
@@ -347,7 +257,7 @@ class AlignResult:
 
     @property
     def angle_deg(self) -> float:
-        return float(np.rad2deg(np.linalg.norm(so3_log(torch.as_tensor(self.rotation)).numpy())))
+        return float(rotation_angle_deg(torch.as_tensor(self.rotation)))
 
 
 def align_maps(
@@ -398,7 +308,7 @@ def align_maps(
         order = torch.argsort(sc, descending=True)
         picked: list[int] = []
         for i in order.tolist():  # non-maximum suppression: distinct candidates
-            if all(_angle(rots[i], rots[j]) > 2 * spacing for j in picked):
+            if all(float(geodesic_distance_deg(rots[i], rots[j])) > 2 * spacing for j in picked):
                 picked.append(i)
             if len(picked) == top_k:
                 break
@@ -422,8 +332,3 @@ def align_maps(
     R, s, t = _local_search(full, R, hand, step_deg=1.0, min_step_deg=0.02, t0=t, diagonals=False)
     return AlignResult(rotation=R.numpy(), shift_px=t.numpy(), mirror=bool(hand), score=float(s),
                        score_other_hand=float(other), score_medium=float(s_med), band_limit=rmax, coarse_top=top)
-
-
-def _angle(R1: Tensor, R2: Tensor) -> float:
-    tr = float((R1.T @ R2).diagonal().sum())
-    return math.degrees(math.acos(max(-1.0, min(1.0, (tr - 1) / 2))))

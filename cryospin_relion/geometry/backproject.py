@@ -3,9 +3,9 @@
 Each image's rfft2 samples (the kx >= 0 half plane inside |k| <= n/2) are placed,
 as RELION's BackProjector does, at pad * (A^T k) on a (D, D, D) centred grid,
 D = pad * n, and splatted trilinearly as numerator sum CTF * X and weight sum
-CTF^2. The missing half space follows from Friedel symmetry. The volume is
-IFFT(num / (weight + tau)), cropped to n and divided by the sinc^2 response of
-trilinear splatting (gridding correction).
+CTF^2. The missing half space follows from Friedel symmetry. The volume
+(``volume_from_accumulator``) is IFFT(num / (weight + tau)), cropped to n and
+divided by the sinc^2 response of trilinear splatting (gridding correction).
 
 (``pad_images=True`` instead zero-pads each image to D in real space and inserts
 all of its oversampled transform. That is accurate for images whose content
@@ -14,8 +14,9 @@ in-between samples are then wrong: amplitudes fall to ~0.5 near Nyquist at
 2.5 um defocus. It is kept for comparison only.)
 
 Speed (``insert_images``): the plane's sample set and its CTF helper terms are
-computed once per (n, D, device); per-image arithmetic (phase ramp, CTF,
-trilinear weights) runs in float32 on those P points only. For batches that
+computed once per (n, D, device) (``ctf.angle_terms``: no atan2 per image);
+per-image arithmetic (phase ramp, CTF, trilinear weights) runs in float32 on
+those P points only. For batches that
 touch more points than the grid holds, each worker scatters into float32
 staging grids of the half space kz >= 0 (points with kz < 0 go in as their
 Friedel mates), which are then added to the float64 sums, so long runs still
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cryospin_relion.geometry.ctf import electron_wavelength
+from cryospin_relion.geometry.ctf import CTF, angle_terms, ctf_at
 from cryospin_relion.geometry.slicing import sinc2_window_3d
 
 # default of insert_images(pad_images=...): False = RELION's way (see the module docstring)
@@ -113,9 +114,7 @@ def _plane(m: int, D: int, device: torch.device) -> _Plane:
     kxk, kyk, r2k = kxk[order], kyk[order], r2k[order]
     rows = torch.remainder(kyk.long(), m)  # unshifted row of ky
     sel = rows * (m // 2 + 1) + kxk.long()
-    safe = torch.where(r2k > 0, r2k, torch.ones_like(r2k))
-    cos2t = torch.where(r2k > 0, (kxk**2 - kyk**2) / safe, torch.ones_like(r2k))  # atan2(0, 0) = 0
-    sin2t = torch.where(r2k > 0, 2 * kxk * kyk / safe, torch.zeros_like(r2k))
+    _, cos2t, sin2t = angle_terms(kxk, kyk)
     half = torch.where((kxk == 0) | (2 * kxk == m), 0.5, 1.0)
     f32 = dict(device=device, dtype=torch.float32)
     k = torch.stack([kxk, kyk])
@@ -137,34 +136,14 @@ def _rfft_padded_unshifted(images: Tensor, D: int) -> Tensor:
     return torch.fft.rfft2(pad)
 
 
-def _ctf_points(plane: _Plane, apix: Tensor, params: dict[str, Tensor]) -> Tensor:
-    """RELION's CTF (``ctf.ctf_from_freqs``) at the plane's P points, (B, P) float32.
+def _ctf_points(plane: _Plane, apix: Tensor, ctf: CTF) -> Tensor:
+    """RELION's CTF (``ctf.ctf_at``) at the plane's P points, (B, P) float32.
 
-    Frequencies are k / (apix * D) in 1/A; the astigmatism term uses
-    cos(2 (theta - angle)) = cos 2theta cos 2angle + sin 2theta sin 2angle (no atan2).
+    Frequencies are k / (apix * m) in 1/A; the per-image coefficients are computed in float64.
     """
-    f = {k: (None if v is None else v.to(device=plane.k.device, dtype=torch.float64)) for k, v in params.items()}
-    p = lambda t: t[:, None].to(torch.float32)  # noqa: E731  (B,) -> (B, 1)
     inv2 = 1.0 / (apix.to(torch.float64) * plane.m) ** 2
-    s2 = plane.r2[None] * p(inv2)  # (B, P) 1/A^2
-    u, v = f["defocus_u"], f["defocus_v"]
-    ang = 2.0 * torch.deg2rad(f["defocus_angle"])
-    hd = (u - v) / 2.0
-    df = -(p((u + v) / 2.0) + p(hd * torch.cos(ang)) * plane.cos2t + p(hd * torch.sin(ang)) * plane.sin2t)
-    lam = electron_wavelength(f["voltage"])
-    k1 = math.pi * lam
-    k2 = math.pi / 2.0 * (f["cs"] * 1e7) * lam**3
-    q = f["amp_contrast"]
-    k3 = torch.atan(q / torch.sqrt(1.0 - q**2))
-    if f.get("phase_shift") is not None:
-        k3 = k3 + torch.deg2rad(f["phase_shift"])
-    chi = s2 * (p(k1) * df + p(k2) * s2) - p(k3)
-    out = -torch.sin(chi)
-    if f.get("bfactor") is not None:
-        out = out * torch.exp(-p(f["bfactor"] / 4.0) * s2)
-    if f.get("scale") is not None:
-        out = out * p(f["scale"])
-    return out
+    s2 = plane.r2[None] * inv2[:, None].to(torch.float32)  # (B, P) 1/A^2
+    return ctf_at(s2, plane.cos2t[None], plane.sin2t[None], ctf.to(plane.k.device, torch.float64))
 
 
 def _corners(pos: Tensor, D: int) -> tuple[Tensor, Tensor]:
@@ -205,7 +184,7 @@ def _insert_chunk(
     rotations: Tensor,
     translations_px: Tensor | None,
     apix: Tensor,
-    ctf_params: dict[str, Tensor] | None,
+    ctf: CTF | None,
     targets: tuple,
     staged: bool,
 ) -> None:
@@ -226,8 +205,8 @@ def _insert_chunk(
         t = translations_px.to(torch.float64) * (2.0 * math.pi / m)
         ph = torch.addmm(t[:, 1:2].float() * plane.k[1][None], t[:, 0:1].float(), plane.k[0][None])
         ft = ft * torch.polar(torch.ones_like(ph), ph)
-    if ctf_params is not None:
-        c = _ctf_points(plane, apix, ctf_params)
+    if ctf is not None:
+        c = _ctf_points(plane, apix, ctf)
         cw = c * plane.half
         re, im, wt = ft.real * cw, ft.imag * cw, c * cw
     else:
@@ -359,7 +338,7 @@ def insert_images(
     rotations: Tensor,
     translations_px: Tensor | None,
     apix: Tensor,
-    ctf_params: dict[str, Tensor] | None,
+    ctf: CTF | None,
     threads: int | None = None,
     pad_images: bool = PAD_IMAGES,
 ) -> None:
@@ -372,7 +351,7 @@ def insert_images(
         translations_px: (B, 2) translation that *produced* each image from the
             centred projection (= -origin / apix); it is undone here. None = 0.
         apix: (B,) pixel size in A (for the CTF).
-        ctf_params: dict of (B,) tensors for ``ctf.ctf_from_freqs``, or None (no CTF).
+        ctf: (B,) CTF parameters, or None (no CTF).
         threads: CPU worker threads the batch is split over (default
             torch.get_num_threads()); the sums do not depend on it beyond float
             rounding. While inserting, torch's intra-op threads are set to 1 (and
@@ -393,9 +372,8 @@ def insert_images(
     apix = torch.as_tensor(apix, device=device).reshape(-1).expand(B)
     if translations_px is not None:
         translations_px = translations_px.to(device)
-    if ctf_params is not None:
-        ctf_params = {k: (None if v is None else torch.as_tensor(v, device=device).reshape(-1).expand(B))
-                      for k, v in ctf_params.items()}
+    if ctf is not None:
+        ctf = CTF(**{k: torch.as_tensor(v, device=device).reshape(-1).expand(B) for k, v in ctf.items()})
     if threads is None:
         threads = torch.get_num_threads() if device.type == "cpu" else 1
     threads = max(1, int(threads)) if device.type == "cpu" else 1
@@ -409,8 +387,7 @@ def insert_images(
     def run(sl: slice, targets, staged: bool) -> None:
         _insert_chunk(
             D, plane, images[sl], rotations[sl], None if translations_px is None else translations_px[sl],
-            apix[sl], None if ctf_params is None else {k: (None if v is None else v[sl]) for k, v in ctf_params.items()},
-            targets, staged,
+            apix[sl], None if ctf is None else ctf[sl], targets, staged,
         )
 
     size = math.prod(_staging_shape(D))
@@ -485,8 +462,8 @@ def _half_spectra(acc: Accumulator) -> tuple[Tensor, Tensor, Tensor]:
     return num[direct] + num[mirror].conj(), w[direct] + w[mirror], k2
 
 
-def reconstruct(acc: Accumulator, tau: float = 1e-3) -> Tensor:
-    """Real-space map (n, n, n) from an accumulator.
+def volume_from_accumulator(acc: Accumulator, tau: float = 1e-3) -> Tensor:
+    """Real-space map (n, n, n) from an accumulator: Wiener-normalised, inverse FFT, gridding-corrected.
 
     Args:
         acc: the sums.

@@ -9,6 +9,14 @@ with s the spatial frequency in 1/A, theta its angle from the x axis, defocus
 U/V in A, angle and phase shift in degrees, Cs in mm, voltage in kV, amplitude
 contrast Q0 as a fraction, B in A^2. At s = 0 the CTF is sin(atan(...)) = Q0 > 0:
 protein-positive images stay positive at low frequency.
+
+The formula is written once, in ``ctf_at``, as a function of s^2 and of
+(cos 2theta, sin 2theta): the astigmatism term is expanded as
+cos(2 (theta - angle)) = cos 2theta cos 2angle + sin 2theta sin 2angle, so the
+frequency terms can be computed once per grid and no atan2 is needed (the
+backprojection evaluates it at ~10^4 points per image). Entry points: the
+centred 2D grid (``ctf_2d``), arbitrary frequencies (``ctf_from_freqs``).
+Per-image parameters travel as the typed record ``CTF``.
 """
 
 from __future__ import annotations
@@ -22,74 +30,6 @@ import torch
 from torch import Tensor
 
 from cryospin_relion.geometry.fourier import freq_grid_2d
-
-
-def electron_wavelength(voltage_kv: Tensor) -> Tensor:
-    """Relativistic electron wavelength in A for an acceleration voltage in kV."""
-    v = voltage_kv * 1e3
-    return 12.2643247 / torch.sqrt(v * (1.0 + v * 0.978466e-6))
-
-
-def ctf_from_freqs(
-    fx: Tensor,
-    fy: Tensor,
-    defocus_u: Tensor,
-    defocus_v: Tensor,
-    defocus_angle: Tensor,
-    voltage: Tensor,
-    cs: Tensor,
-    amp_contrast: Tensor,
-    phase_shift: Tensor | None = None,
-    bfactor: Tensor | None = None,
-    scale: Tensor | None = None,
-) -> Tensor:
-    """CTF values at frequencies (fx, fy) in 1/A.
-
-    Args:
-        fx, fy: (..., H, W) frequencies in 1/A (broadcast against the parameters).
-        defocus_u, defocus_v, defocus_angle, voltage, cs, amp_contrast,
-        phase_shift, bfactor, scale: (B,) per-image parameters (units above).
-    Returns:
-        (B, H, W) real CTF.
-    """
-    p = lambda t: t[:, None, None]  # noqa: E731  (B,) -> (B,1,1)
-    lam = electron_wavelength(voltage)
-    s2 = fx**2 + fy**2
-    theta = torch.atan2(fy, fx)
-    ang = torch.deg2rad(defocus_angle)
-    df = -(p(defocus_u + defocus_v) / 2 + p(defocus_u - defocus_v) / 2 * torch.cos(2 * (theta - p(ang))))
-    k1 = math.pi * lam
-    k2 = math.pi / 2 * (cs * 1e7) * lam**3
-    k3 = torch.atan(amp_contrast / torch.sqrt(1.0 - amp_contrast**2))
-    chi = p(k1) * df * s2 + p(k2) * s2**2 - p(k3)
-    if phase_shift is not None:
-        chi = chi - p(torch.deg2rad(phase_shift))
-    out = -torch.sin(chi)
-    if bfactor is not None:
-        out = out * torch.exp(-p(bfactor) / 4.0 * s2)
-    if scale is not None:
-        out = out * p(scale)
-    return out
-
-
-def ctf_2d(box: int, apix: Tensor, params: dict[str, Tensor], dtype=torch.float32) -> Tensor:
-    """CTF on the centred full 2D grid of a box (the layout of fft2_centered).
-
-    Args:
-        box: image side in pixels.
-        apix: (B,) pixel size in A of each image.
-        params: keys defocus_u, defocus_v, defocus_angle, voltage, cs, amp_contrast
-            and optionally phase_shift, bfactor, scale; each (B,).
-    Returns:
-        (B, box, box)
-    """
-    device = apix.device
-    fy, fx = freq_grid_2d(box, device=device, dtype=dtype)
-    inv = (1.0 / apix.to(dtype))[:, None, None]
-    keys = ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast", "phase_shift", "bfactor", "scale")
-    kw = {k: params[k].to(device=device, dtype=dtype) for k in keys if k in params and params[k] is not None}
-    return ctf_from_freqs(fx * inv, fy * inv, **kw)
-
 
 CTF_FIELDS = ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast", "phase_shift", "bfactor",
               "scale")
@@ -132,3 +72,89 @@ class CTF:
 
     def __len__(self) -> int:
         return int(self.defocus_u.shape[0])
+
+
+def electron_wavelength(voltage_kv: Tensor) -> Tensor:
+    """Relativistic electron wavelength in A for an acceleration voltage in kV."""
+    v = voltage_kv * 1e3
+    return 12.2643247 / torch.sqrt(v * (1.0 + v * 0.978466e-6))
+
+
+def angle_terms(fx: Tensor, fy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(fx^2 + fy^2, cos 2theta, sin 2theta) of frequencies (fx, fy), theta = atan2(fy, fx), without atan2.
+
+    Any unit and shape; at f = 0, theta = 0 (as atan2(0, 0)), i.e. cos 2theta = 1, sin 2theta = 0."""
+    r2 = fx**2 + fy**2
+    nonzero = r2 > 0
+    safe = torch.where(nonzero, r2, torch.ones_like(r2))
+    cos2t = torch.where(nonzero, (fx**2 - fy**2) / safe, torch.ones_like(r2))
+    sin2t = torch.where(nonzero, 2 * fx * fy / safe, torch.zeros_like(r2))
+    return r2, cos2t, sin2t
+
+
+def ctf_at(s2: Tensor, cos2theta: Tensor, sin2theta: Tensor, ctf: CTF) -> Tensor:
+    """RELION's CTF (module docstring) of B images at frequencies given by s^2 and the angle terms.
+
+    Args:
+        s2: (B or 1, ...) squared spatial frequency in 1/A^2.
+        cos2theta, sin2theta: (B or 1, ...) cos / sin of twice the frequency's angle from x
+            (``angle_terms``), broadcast against s2.
+        ctf: (B,) parameters. The per-image coefficients are computed in the record's dtype
+            and then cast to s2's, so float64 parameters with float32 frequencies keep
+            float64 accuracy where it matters (wavelength, phase offsets) at float32 speed.
+    Returns:
+        (B, ...) in s2's dtype.
+    """
+    dt = s2.dtype
+    nd = max(s2.ndim, cos2theta.ndim, sin2theta.ndim)
+    p = lambda t: t.reshape(-1, *([1] * (nd - 1))).to(dt)  # noqa: E731  (B,) -> (B, 1, ...)
+    u, v = ctf.defocus_u, ctf.defocus_v
+    ang = 2.0 * torch.deg2rad(ctf.defocus_angle)
+    hd = (u - v) / 2.0
+    df = -(p((u + v) / 2.0) + p(hd * torch.cos(ang)) * cos2theta + p(hd * torch.sin(ang)) * sin2theta)
+    lam = electron_wavelength(ctf.voltage)
+    k1 = math.pi * lam
+    k2 = math.pi / 2.0 * (ctf.cs * 1e7) * lam**3
+    q = ctf.amp_contrast
+    k3 = torch.atan(q / torch.sqrt(1.0 - q**2))
+    if ctf.phase_shift is not None:
+        k3 = k3 + torch.deg2rad(ctf.phase_shift)
+    chi = s2 * (p(k1) * df + p(k2) * s2) - p(k3)
+    out = -torch.sin(chi)
+    if ctf.bfactor is not None:
+        out = out * torch.exp(-p(ctf.bfactor / 4.0) * s2)
+    if ctf.scale is not None:
+        out = out * p(ctf.scale)
+    return out
+
+
+def ctf_from_freqs(fx: Tensor, fy: Tensor, ctf: CTF) -> Tensor:
+    """CTF of B images at arbitrary frequencies (fx, fy) in 1/A.
+
+    Args:
+        fx, fy: (B or 1, ...) frequencies in 1/A.
+        ctf: (B,) parameters.
+    Returns:
+        (B, ...) in fx's dtype.
+    """
+    return ctf_at(*angle_terms(fx, fy), ctf)
+
+
+def ctf_2d(box: int, apix: Tensor, params: CTF | Mapping[str, Tensor], dtype=torch.float32) -> Tensor:
+    """CTF on the centred full 2D grid of a box (the layout of fft2_centered).
+
+    Args:
+        box: image side in pixels.
+        apix: (B,) pixel size in A of each image.
+        params: (B,) parameters, cast to ``dtype`` on apix's device. A mapping of the
+            field names to (B,) tensors is accepted too while callers move to ``CTF``.
+        dtype: the dtype of the computation and of the result.
+    Returns:
+        (B, box, box)
+    """
+    device = apix.device
+    ctf = params if isinstance(params, CTF) else CTF.from_arrays(params, dtype=dtype)
+    fy, fx = freq_grid_2d(box, device=device, dtype=dtype)  # cycles per pixel
+    r2, cos2t, sin2t = angle_terms(fx, fy)
+    inv2 = (1.0 / apix.to(dtype) ** 2)[:, None, None]  # (cycles per pixel)^2 -> 1/A^2
+    return ctf_at(r2[None] * inv2, cos2t[None], sin2t[None], ctf.to(device, dtype))

@@ -8,10 +8,8 @@ angles, origins and CTF (tests/relion/test_relion_project.py).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from cryospin_relion.geometry.ctf import ctf_2d
 from cryospin_relion.geometry.fourier import ifft2_centered
 from cryospin_relion.geometry.shifts import phase_ramp
 from cryospin_relion.geometry.slicing import extract_slices
@@ -23,7 +21,6 @@ def project_spectrum(
     box: int,
     translations_px: Tensor | None = None,
     ctf: Tensor | None = None,
-    threads: int | None = None,
 ) -> Tensor:
     """Projection images from a prepared spectrum (``slicing.volume_to_projector``).
 
@@ -32,11 +29,11 @@ def project_spectrum(
         rotations: (B, 3, 3) RELION A.
         box: image side n.
         translations_px: (B, 2) content translation in pixels (= -origin / apix), or None.
-        ctf: (B, n, n) CTF on the centred grid, or None.
+        ctf: (B, n, n) CTF on the centred grid (``ctf.ctf_2d``), or None.
     Returns:
         (B, n, n) real images.
     """
-    ft = extract_slices(spectrum, rotations, box, threads)
+    ft = extract_slices(spectrum, rotations, box)
     if ctf is not None:
         ft = ft * ctf
     if translations_px is not None:
@@ -44,13 +41,4 @@ def project_spectrum(
     return ifft2_centered(ft).real
 
 
-def ctf_params_to_tensors(ctf, idx=None, device=None, dtype=torch.float32) -> dict[str, Tensor]:
-    """``io.particles.CTFParams`` (numpy arrays) -> dict of (B,) tensors for ``ctf_2d``."""
-    out = {}
-    for k, v in ctf.as_dict().items():
-        a = v if idx is None else v[idx]
-        out[k] = torch.as_tensor(a, dtype=dtype, device=device)
-    return out
-
-
-__all__ = ["project_spectrum", "ctf_params_to_tensors", "ctf_2d"]
+__all__ = ["project_spectrum"]

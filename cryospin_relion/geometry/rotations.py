@@ -13,6 +13,8 @@ All functions take tensors with arbitrary leading batch dimensions ``(..., )``.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -129,11 +131,29 @@ def quaternion_to_matrix(q: Tensor) -> Tensor:
     )
 
 
+def super_fibonacci_rotations(n: int, dtype=torch.float64) -> Tensor:
+    """(n, 3, 3) quasi-uniform rotations: the super-Fibonacci spiral of unit quaternions (Alexa, CVPR 2022).
+
+    Computed in float64 whatever ``dtype`` is, so every precision gets the same set."""
+    s = torch.arange(n, dtype=torch.float64) + 0.5
+    t = s / n
+    r, rr = torch.sqrt(t), torch.sqrt(1.0 - t)
+    a = 2 * math.pi * s / math.sqrt(2.0)
+    b = 2 * math.pi * s / 1.533751168755204288118041  # psi: the real root of psi^4 = psi + 4
+    q = torch.stack([r * torch.sin(a), r * torch.cos(a), rr * torch.sin(b), rr * torch.cos(b)], -1)
+    return quaternion_to_matrix(q).to(dtype)
+
+
 def geodesic_distance_deg(R1: Tensor, R2: Tensor) -> Tensor:
-    """Angle in degrees of R1^T R2, (..., 3, 3) x (..., 3, 3) -> (...)."""
+    """Angle in degrees of R1^T R2, (..., 3, 3) x (..., 3, 3) -> (...): the geodesic distance on SO(3)."""
     M = R1.transpose(-1, -2) @ R2
     tr = M[..., 0, 0] + M[..., 1, 1] + M[..., 2, 2]
     return torch.rad2deg(torch.acos(((tr - 1.0) / 2.0).clamp(-1.0, 1.0)))
+
+
+def rotation_angle_deg(R: Tensor) -> Tensor:
+    """Rotation angle in degrees of R, (..., 3, 3) -> (...): its geodesic distance from the identity."""
+    return geodesic_distance_deg(torch.eye(3, dtype=R.dtype, device=R.device), R)
 
 
 def view_directions(A: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Differentiable central-slice extraction (Fourier slice theorem) with grid_sample.
+"""Differentiable central-slice extraction (Fourier slice theorem) by trilinear interpolation.
 
 A particle's projection has the 2D transform P(k) = V(A^T [kx, ky, 0]), with A
 RELION's matrix (volume -> image coordinates) and k in the centred layout of
@@ -10,10 +10,10 @@ interpolation's real-space sinc^2 falloff is pre-divided ("gridding correction")
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cryospin_relion.geometry.fourier import fft3_centered
+from cryospin_relion.geometry.sampling import sample_spectrum
 
 
 def sinc2_window_3d(n: int, padded: int, device=None, dtype=torch.float32) -> Tensor:
@@ -48,8 +48,8 @@ def volume_to_projector(vol: Tensor, pad: int = 2) -> Tensor:
     return fft3_centered(pad_volume(corr, padded))
 
 
-def slice_grid(rotations: Tensor, box: int, padded: int, crop: int | None = None) -> Tensor:
-    """grid_sample coordinates of the central slices.
+def slice_points(rotations: Tensor, box: int, padded: int, crop: int | None = None) -> Tensor:
+    """Where the central slices' frequencies lie in the (oversampled) volume spectrum.
 
     Args:
         rotations: (B, 3, 3) RELION A.
@@ -58,7 +58,8 @@ def slice_grid(rotations: Tensor, box: int, padded: int, crop: int | None = None
         crop: return only the central crop x crop frequencies (coarse-to-fine work
             at a smaller Fourier box); default n.
     Returns:
-        (B, c, c, 3) normalised (x, y, z) coordinates for align_corners=True, c = crop or n.
+        (B, c, c, 3) points A^T [kx, ky, 0] (x, y, z) in padded voxels from the centre
+        (``sampling`` convention), c = crop or n.
     """
     dtype, device = rotations.dtype, rotations.device
     c = crop or box
@@ -66,26 +67,7 @@ def slice_grid(rotations: Tensor, box: int, padded: int, crop: int | None = None
     ky, kx = torch.meshgrid(k, k, indexing="ij")
     k2 = torch.stack([kx, ky], -1)  # (n, n, 2) in padded-voxel units
     # K3 = A^T [kx, ky, 0]  ->  K3_j = sum_i A_ij k_i over i in (x, y)
-    k3 = torch.einsum("hwi,bij->bhwj", k2, rotations[:, :2, :])
-    return (k3 + padded // 2) * (2.0 / (padded - 1)) - 1.0
-
-
-def _sample(vol: Tensor, grid: Tensor, threads: int) -> Tensor:
-    """grid_sample of a (C, D, D, D) volume at (B, n, n, 3) points -> (B, C, n, n).
-
-    On CPU, 3D grid_sample parallelises over its batch dimension only, so the B
-    slices are split into ``threads`` chunks that form that batch dimension.
-    """
-    B, n = grid.shape[0], grid.shape[1]  # n: output side
-    chunks = max(1, min(threads, B))
-    per = -(-B // chunks)
-    if per * chunks != B:
-        grid = torch.cat([grid, grid.new_zeros(per * chunks - B, n, n, 3)], 0)
-    g = grid.reshape(chunks, per, n, n, 3)
-    v = vol.unsqueeze(0).expand(chunks, *vol.shape)
-    out = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=True)  # (chunks, C, per, n, n)
-    out = out.permute(0, 2, 1, 3, 4).reshape(chunks * per, vol.shape[0], n, n)
-    return out[:B]
+    return torch.einsum("hwi,bij->bhwj", k2, rotations[:, :2, :])
 
 
 def extract_slices(
@@ -98,7 +80,7 @@ def extract_slices(
             D = pad * box.
         rotations: (B, 3, 3) RELION A (differentiable).
         box: output image side n.
-        threads: batch chunks for CPU parallelism (default torch.get_num_threads()).
+        threads: CPU workers of the interpolation (``sampling.sample_trilinear``).
         crop: only the central crop x crop frequencies (same layout as
             fourier.crop_centered_2d of the full slice).
     Returns:
@@ -106,11 +88,5 @@ def extract_slices(
         (Hartley slices for a Hartley spectrum: a central section of a Hartley
         transform is the Hartley transform of the projection).
     """
-    threads = threads or (torch.get_num_threads() if spectrum.device.type == "cpu" else 1)
-    D = spectrum.shape[-1]
-    grid = slice_grid(rotations.to(spectrum.real.dtype), box, D, crop)
-    if spectrum.is_complex():
-        vol = torch.view_as_real(spectrum).permute(3, 0, 1, 2)  # (2, D, D, D)
-        out = _sample(vol, grid, threads)
-        return torch.complex(out[:, 0], out[:, 1])
-    return _sample(spectrum.unsqueeze(0), grid, threads)[:, 0]
+    points = slice_points(rotations.to(spectrum.real.dtype), box, spectrum.shape[-1], crop)
+    return sample_spectrum(spectrum, points, threads or None)

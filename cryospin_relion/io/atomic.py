@@ -62,3 +62,16 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
                 p.unlink()
                 removed.append(p)
     return removed
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj, indent: int = 1) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (numpy and torch scalars as floats)."""
+    import json
+
+    write_text(path, json.dumps(obj, indent=indent, default=float))

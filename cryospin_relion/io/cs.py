@@ -2,12 +2,13 @@
 
 Field conventions (units converted to RELION's at this edge):
 
-- ``blob/path`` (a leading '>' means project-relative; stripped), ``blob/idx``
+- ``blob/path`` (a leading '>' means project-relative; stripped: ``project_paths``), ``blob/idx``
   0-based, ``blob/shape`` (ny, nx), ``blob/psize_A`` [A], ``blob/sign`` -> table.sign.
 - ``alignments3D/pose`` rotation vector [rad] -> A = cryosparc_pose_to_relion(pose);
   ``alignments3D/shift`` [px of ``alignments3D/psize_A``] -> RELION origin in A,
   same sign; ``alignments3D/split`` 0/1 -> rlnRandomSubset 1/2. Ab-initio outputs
-  with only ``alignments_class_0/`` are read the same way.
+  with only ``alignments_class_0/`` are read the same way. Writing is the inverse
+  (``alignments_fields``), with the dtypes of ``ALIGN_FIELDS``.
 - CTF: df1_A/df2_A -> defocus U/V [A], df_angle_rad and phase_shift_rad -> degrees,
   accel_kv, cs_mm, amp_contrast, bfactor (0 if absent), scale (1 if absent).
 
@@ -17,6 +18,7 @@ A .cs has no optics groups: every particle is in group 1.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,16 @@ from cryospin_relion.io.atomic import atomic_path
 from cryospin_relion.io.paths import first_header_box, locate_stacks
 from cryospin_relion.io.particles import CTFParams, ParticleTable
 
-__all__ = ["read_cs", "write_cs", "load_cs"]
+__all__ = ["read_cs", "write_cs", "load_cs", "save_cs", "project_paths", "ALIGN_FIELDS", "alignments_fields",
+           "set_alignments"]
+
+# the alignments3D fields we write, with the dtypes of cryoSPARC's own particle files
+ALIGN_FIELDS = [
+    ("alignments3D/split", "u4"),
+    ("alignments3D/shift", "f4", (2,)),
+    ("alignments3D/pose", "f4", (3,)),
+    ("alignments3D/psize_A", "f4"),
+]
 
 
 def load_cs(path: str | os.PathLike) -> Dataset:
@@ -44,11 +55,65 @@ def load_cs(path: str | os.PathLike) -> Dataset:
         raise InputError(f"{path}: unreadable .cs file ({msg})") from None
 
 
-def _strs(a: np.ndarray) -> pd.Series:
-    a = np.asarray(a)
+def save_cs(ds: Dataset, path: str | os.PathLike) -> Path:
+    """Save a Dataset as a .cs (numpy structured array, loadable by ``numpy.load``), atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            ds.save(fh)
+    return path
+
+
+def project_paths(values: np.ndarray) -> np.ndarray:
+    """A path field (``blob/path``, ``location/micrograph_path``) as an object array of str.
+
+    Exported .cs files mark project-relative paths with a leading '>': it is removed
+    (a job's own .cs has the same project-relative paths unmarked).
+    """
+    a = np.asarray(values)
     if a.dtype.kind == "S":
         a = np.char.decode(a, "utf-8")
-    return pd.Series(a, dtype=object).astype(str)
+    return pd.Series(a, dtype=object).astype(str).str.replace(r"^>", "", regex=True).to_numpy(dtype=object)
+
+
+def alignments_fields(rotations: np.ndarray, shifts_A: np.ndarray, psize_A: np.ndarray | float,
+                      halves: np.ndarray) -> dict[str, np.ndarray]:
+    """The ALIGN_FIELDS arrays (cryoSPARC dtypes) from RELION poses: the inverse of ``read_cs``'s poses.
+
+    Args:
+        rotations: (N, 3, 3) RELION A matrices -> ``alignments3D/pose``, rotation vector of A^T.
+        shifts_A: (N, 2) RELION origins (rlnOriginX/YAngst) in A -> ``alignments3D/shift``
+            in pixels of ``psize_A``, same sign.
+        psize_A: pixel size of the particle images (scalar or (N,)) -> ``alignments3D/psize_A``.
+        halves: (N,) rlnRandomSubset in {1, 2} -> ``alignments3D/split`` 0/1.
+    """
+    rotations = np.asarray(rotations, dtype=np.float64)
+    n = len(rotations)
+    shifts_A = np.asarray(shifts_A, dtype=np.float64).reshape(n, 2)
+    psize = np.broadcast_to(np.asarray(psize_A, dtype=np.float64), (n,))
+    if (psize <= 0).any() or not np.isfinite(psize).all():
+        raise InputError("alignments3D/psize_A: pixel size must be a positive number")
+    halves = np.asarray(halves, dtype=np.int64).reshape(n)
+    if not set(np.unique(halves).tolist()) <= {1, 2}:
+        raise InputError(f"halves must be 1 or 2, got {sorted(set(np.unique(halves).tolist()))}")
+    return {
+        "alignments3D/pose": relion_to_cryosparc_pose(rotations).astype(np.float32).reshape(n, 3),
+        "alignments3D/shift": (shifts_A / psize[:, None]).astype(np.float32),
+        "alignments3D/psize_A": psize.astype(np.float32),
+        "alignments3D/split": (halves - 1).astype(np.uint32),
+    }
+
+
+def set_alignments(ds: Dataset, fields: Mapping[str, np.ndarray]) -> Dataset:
+    """Write the ALIGN_FIELDS ``fields`` into ``ds`` in place (adding the ones it lacks); returns ``ds``.
+
+    Values are cast to the field's dtype in ``ds``; other fields, including other
+    ``alignments3D/*`` fields of an earlier alignment, are left as they are.
+    """
+    ds.add_fields(ALIGN_FIELDS)  # skips fields ds already has
+    for f, *_ in ALIGN_FIELDS:
+        ds[f] = np.asarray(fields[f]).astype(ds[f].dtype)
+    return ds
 
 
 def _finite(ds: Dataset, f: str, path: Path) -> np.ndarray:
@@ -76,7 +141,7 @@ def read_cs(
     for f in ("blob/path", "blob/idx"):
         if f not in fields:
             raise InputError(f"{path}: {f}: field missing (not a particle .cs with images)")
-    stack_names = _strs(ds["blob/path"]).str.replace(r"^>", "", regex=True)
+    stack_names = pd.Series(project_paths(ds["blob/path"]), dtype=object)
     indices = np.asarray(ds["blob/idx"], dtype=np.int64)
 
     box = 0
@@ -141,8 +206,7 @@ def read_cs(
 
     extra: dict = {"missing_stacks": loc.missing, "stack_names": stack_names.to_numpy(dtype=object)}
     if "location/micrograph_path" in fields:
-        extra["micrograph_names"] = _strs(ds["location/micrograph_path"]).str.replace(
-            r"^>", "", regex=True).to_numpy(dtype=object)
+        extra["micrograph_names"] = project_paths(ds["location/micrograph_path"])
     return ParticleTable(
         source_file=str(path), source_format="cs", stack_paths=loc.stack_paths, stack_indices=indices,
         box=int(box), apix=apix, ctf=ctf, rotations=rotations, shifts_A=shifts, subset=subset,
@@ -206,19 +270,11 @@ def write_cs(table: ParticleTable, path: str | os.PathLike) -> None:
     """Write a cryoSPARC .cs (numpy structured array, loadable by ``numpy.load``), atomically.
 
     For .cs input every original field passes through (rows as in the table);
-    otherwise blob/* and ctf/* are built. Poses go to alignments3D/pose (float32 x3),
-    alignments3D/shift (float32 x2, pixels), alignments3D/psize_A and
-    alignments3D/split (0/1, balanced random when the table has no halves).
+    otherwise blob/* and ctf/* are built. Poses go to the ALIGN_FIELDS
+    (``alignments_fields``; split balanced random when the table has no halves).
     """
     n = len(table)
     ds = table.raw.copy() if isinstance(table.raw, Dataset) and len(table.raw) == n else _new_dataset(table)
     if table.rotations is not None:
-        ds.add_fields([("alignments3D/split", "u4"), ("alignments3D/shift", "f4", (2,)),
-                       ("alignments3D/pose", "f4", (3,)), ("alignments3D/psize_A", "f4")])
-        ds["alignments3D/pose"] = relion_to_cryosparc_pose(table.rotations).astype(np.float32)
-        ds["alignments3D/shift"] = (table.shifts_A / table.apix[:, None]).astype(np.float32)
-        ds["alignments3D/psize_A"] = table.apix.astype(np.float32)
-        ds["alignments3D/split"] = (table.halves() - 1).astype(np.uint32)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            ds.save(fh)
+        set_alignments(ds, alignments_fields(table.rotations, table.shifts_A, table.apix, table.halves()))
+    save_cs(ds, path)

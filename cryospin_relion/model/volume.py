@@ -81,10 +81,10 @@ class HartleyVolume(nn.Module):
             v = self.mantissa * torch.exp(self.exponent)
         return v * self.scale * self.mask
 
-    def slices(self, rotations: Tensor, crop: int | None = None, grid: Tensor | None = None, threads: int | None = None) -> Tensor:
+    def slices(self, rotations: Tensor, crop: int | None = None, grid: Tensor | None = None) -> Tensor:
         """Hartley central sections (B, c, c) at RELION poses (B, 3, 3), c = crop or n."""
         g = self.grid() if grid is None else grid
-        return extract_slices(g, rotations.to(g.dtype), self.box, threads=threads, crop=crop)
+        return extract_slices(g, rotations.to(g.dtype), self.box, crop=crop)
 
     @torch.no_grad()
     def real_map(self) -> Tensor:

@@ -1,4 +1,4 @@
-"""Reconstruction from known poses: two half maps, the full map and their FSC.
+"""Half-map reconstruction from known poses: two half maps, the full map and their FSC.
 
 No file I/O here: the caller hands in the particle table, something that reads
 images, and (optionally) poses that replace the table's. Used by ``cryospin
@@ -18,15 +18,16 @@ from typing import Callable, NamedTuple, Protocol, Union
 import numpy as np
 import torch
 
+from cryospin_relion.device import resolve_device
 from cryospin_relion.errors import InputError
-from cryospin_relion.geometry.backproject import Accumulator, insert_images, reconstruct
+from cryospin_relion.geometry.backproject import Accumulator, insert_images, volume_from_accumulator
+from cryospin_relion.geometry.ctf import CTF
 from cryospin_relion.geometry.fourier import fourier_crop_2d
 from cryospin_relion.geometry.fsc import fsc, resolution_at
-from cryospin_relion.geometry.projection import ctf_params_to_tensors
 from cryospin_relion.geometry.shifts import origin_to_translation
 from cryospin_relion.io.particles import ParticleTable
 
-__all__ = ["HalfMaps", "reconstruct_halves", "output_apix", "resolve_device", "soft_mask_outside"]
+__all__ = ["HalfMaps", "reconstruct_halves", "output_apix", "soft_mask_outside"]
 
 
 class _HasImages(Protocol):
@@ -49,14 +50,6 @@ class HalfMaps(NamedTuple):
     half2: np.ndarray
     fsc: np.ndarray
     resolution: float
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """torch.device from 'cpu' / 'cuda' / 'cuda:1' / None (cpu); InputError if CUDA is unavailable."""
-    dev = torch.device(device or "cpu")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    return dev
 
 
 def output_apix(table: ParticleTable, box: int, image_box: int | None = None) -> float:
@@ -153,10 +146,10 @@ def reconstruct_halves(
         halves: (N,) 1 / 2; default ``table.halves(seed)`` (the table's
             rlnRandomSubset, else a seeded balanced split).
         use_ctf: correct for the table's CTF (ignored when table.ctf is None).
-        tau: Wiener constant relative to the mean weight (``backproject.reconstruct``).
+        tau: Wiener constant relative to the mean weight (``backproject.volume_from_accumulator``).
         batch_size: images read and inserted at a time (default: ~32 M pixels' worth,
             e.g. 8192 at box 64, 512 at box 256).
-        device: 'cpu' or 'cuda'.
+        device: 'cpu', 'cuda' or 'auto' (``device.resolve_device``).
         threads: CPU threads for the insertion (default torch.get_num_threads()).
         pad: Fourier oversampling of the accumulators (2 as in RELION).
         seed: seed of the half split when neither ``halves`` nor the table give one.
@@ -190,7 +183,7 @@ def reconstruct_halves(
     apix_out = output_apix(table, n, m)
     scale = m / n  # pixel size growth from Fourier cropping
     apix_all = np.asarray(table.apix, dtype=np.float64) * (table.box or m) / m * scale  # (N,) at box n
-    ctf = table.ctf if (use_ctf and table.ctf is not None) else None
+    ctf = CTF.from_arrays(table.ctf.as_dict(), dtype=torch.float64) if (use_ctf and table.ctf is not None) else None
 
     if batch_size is None:
         batch_size = int(min(8192, max(64, (1 << 25) // (m * m))))
@@ -214,17 +207,17 @@ def reconstruct_halves(
                 r = rows[sel]
                 ap = torch.as_tensor(apix_all[r], dtype=torch.float64)
                 t = origin_to_translation(torch.as_tensor(sh[r], dtype=torch.float64), ap)
-                params = None if ctf is None else ctf_params_to_tensors(ctf, r, dtype=torch.float64)
                 insert_images(accs[h], imgs[torch.as_tensor(sel, device=dev)],
-                              torch.as_tensor(rot[r], dtype=torch.float64), t, ap, params, threads=threads)
+                              torch.as_tensor(rot[r], dtype=torch.float64), t, ap,
+                              None if ctf is None else ctf[torch.as_tensor(r)], threads=threads)
             bar.update(len(rows))
 
     finish = soft_mask_outside if mask_outside else (lambda v: v)
-    half1 = finish(reconstruct(accs[1], tau).cpu().numpy())
-    half2 = finish(reconstruct(accs[2], tau).cpu().numpy())
+    half1 = finish(volume_from_accumulator(accs[1], tau).cpu().numpy())
+    half2 = finish(volume_from_accumulator(accs[2], tau).cpu().numpy())
     accs[1] += accs[2]
     del accs[2]
-    full = finish(reconstruct(accs[1], tau).cpu().numpy())
+    full = finish(volume_from_accumulator(accs[1], tau).cpu().numpy())
     curve = fsc(torch.from_numpy(half1), torch.from_numpy(half2)).numpy()
     res = resolution_at(curve, n, apix_out, 0.143)
     return HalfMaps(full, half1, half2, curve, float(res))

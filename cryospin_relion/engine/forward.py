@@ -1,4 +1,4 @@
-"""Image formation in Hartley space and the reconstruction losses.
+"""The forward model: image formation in Hartley space, and the reconstruction losses.
 
 For a particle with pose A, content translation t (pixels at the working box n),
 CTF c and image y (real, (n, n)), the model compares, inside a radial mask,
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cryospin_relion.geometry.ctf import ctf_2d
+from cryospin_relion.geometry.ctf import CTF, ctf_2d
 from cryospin_relion.geometry.fourier import crop_centered_2d, ht2_centered, radius_grid_2d
 from cryospin_relion.geometry.shifts import hartley_shift
 
@@ -49,18 +49,18 @@ def crop_mask(box: int, crop: int, mask_radius: float = 1.0, device=None) -> Ten
     return (r < crop / 2) & (r <= mask_radius * box / 2)
 
 
-def ctf_cropped(box: int, crop: int, apix: Tensor, params: dict[str, Tensor]) -> Tensor:
+def ctf_cropped(box: int, crop: int, apix: Tensor, ctf: CTF) -> Tensor:
     """CTF (B, crop, crop) at the central crop frequencies of a box-``box`` image of pixel size apix."""
-    return ctf_2d(crop, apix * (box / crop), params)
+    return ctf_2d(crop, apix * (box / crop), ctf)
 
 
-def prepare_batch(idx: Tensor, images: Tensor, apix: Tensor, ctf_params: dict[str, Tensor] | None,
+def prepare_batch(idx: Tensor, images: Tensor, apix: Tensor, ctf_params: CTF | None,
                   crop: int, mask_radius: float = 1.0) -> Batch:
     """Targets, CTF and mask for real images (B, n, n) on their device.
 
     Args:
         apix: (B,) pixel size at the working box.
-        ctf_params: dict of (B,) tensors (``ctf.ctf_2d`` keys), or None.
+        ctf_params: the images' CTF parameters, or None (no CTF).
     """
     n = images.shape[-1]
     target = crop_centered_2d(ht2_centered(images), crop) / n

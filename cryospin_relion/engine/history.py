@@ -1,0 +1,140 @@
+"""What a run records per epoch: typed records, and their one on-disk layout (``history.json``).
+
+``EpochRecord`` is one finished epoch; ``History`` the run's list of them with the
+events of the schedule (the switch, the stage-1 starts, the first-pose pass).
+``History.to_json()`` is the layout of ``history.json`` -- one list per field,
+indexed like ``epoch`` -- which the report (``report/``) reads, so that a report
+can be made again from a run's folder alone. ``EpochTally`` sums one epoch's
+batches while it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+# where an image's overall stage-1 winner came from (engine/stage1.py ``search_poses``)
+WINNER_SOURCES = ("heads", "memory", "local", "global")
+
+
+@dataclass
+class EpochTally:
+    """Sums over the batches of the running epoch (checkpointed with the engine, so a resumed epoch
+    reports the same figures as an uninterrupted one)."""
+
+    heads: int
+    loss_sum: float = 0.0
+    count: int = 0
+    time_s: float = 0.0
+    wins: list[int] = field(default_factory=list)  # per head: images where it was the best head
+    sources: list[int] = field(default_factory=lambda: [0] * len(WINNER_SOURCES))
+
+    def __post_init__(self):
+        if not self.wins:
+            self.wins = [0] * self.heads
+
+    def add(self, loss: float, n: int, seconds: float, wins: list[int] | None = None,
+            sources: list[int] | None = None) -> None:
+        self.loss_sum += loss * n
+        self.count += n
+        self.time_s += seconds
+        if wins is not None:
+            self.wins = [a + int(x) for a, x in zip(self.wins, wins)]
+        if sources is not None:
+            self.sources = [a + int(x) for a, x in zip(self.sources, sources)]
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(1, self.count)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.count / max(self.time_s, 1e-9)
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state(cls, d: dict) -> "EpochTally":
+        return cls(**d)
+
+
+@dataclass
+class EpochRecord:
+    """One finished epoch. Times in seconds; learning rates as used; stage-1-only fields are None in stage 2."""
+
+    epoch: int  # 1-based
+    stage: int  # 1 auto-encoding, 2 auto-decoding
+    loss: float  # mean per-image loss over the epoch's batches
+    time_s: float  # cumulative training time at the end of this epoch
+    epoch_time_s: float
+    images_per_s: float
+    crop: int  # Fourier box
+    lr_encoder: float
+    lr_decoder: float
+    lr_pose: float
+    head_wins: list[int] | None  # (M,) images where each head was the best head (one head near all = collapse)
+    head_win_share: list[float] | None  # the same as fractions
+    winner_source_share: dict[str, float] | None  # WINNER_SOURCES -> fraction of images
+    pose_change_deg: float | None  # median geodesic change of each pose since the previous epoch
+    switched: bool  # stage 2 starts after this epoch
+
+
+@dataclass
+class TrialsRecord:
+    """The stage-1 starts (``stage1_trials``): each start's loss after ``epochs`` epochs, the one kept, and
+    the training time of the dropped ones."""
+
+    loss: list[float]
+    chosen: int
+    epochs: int
+    dropped_s: float
+
+
+@dataclass
+class History:
+    """The per-epoch records of a run and the events of its schedule."""
+
+    epochs: list[EpochRecord] = field(default_factory=list)
+    switch_epoch: int | None = None  # stage-1 epochs when stage 2 began
+    trials: TrialsRecord | None = None
+    assign_s: float | None = None  # time of the first-pose pass of the particles outside the stage-1 subset
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    @property
+    def last(self) -> EpochRecord | None:
+        return self.epochs[-1] if self.epochs else None
+
+    def column(self, name: str) -> list:
+        """One field over the epochs."""
+        return [getattr(e, name) for e in self.epochs]
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Training seconds of stage 1 (dropped starts included) and of stage 2."""
+        t = {1: 0.0, 2: 0.0}
+        for e in self.epochs:
+            t[e.stage] += e.epoch_time_s
+        t[1] += self.trials.dropped_s if self.trials else 0.0
+        return {"stage1_s": t[1], "stage2_s": t[2]}
+
+    # -- the on-disk layout and the checkpoint ------------------------------------------------
+    def to_json(self) -> dict:
+        """``history.json``: {field: [value per epoch]} for every EpochRecord field, plus switch_epoch,
+        and ``trials`` / ``assign_s`` when they happened."""
+        out: dict = {f.name: self.column(f.name) for f in dataclasses.fields(EpochRecord)}
+        out["switch_epoch"] = self.switch_epoch
+        if self.trials is not None:
+            out["trials"] = dataclasses.asdict(self.trials)
+        if self.assign_s is not None:
+            out["assign_s"] = self.assign_s
+        return out
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state(cls, d: dict) -> "History":
+        return cls(epochs=[EpochRecord(**e) for e in d["epochs"]], switch_epoch=d["switch_epoch"],
+                   trials=None if d["trials"] is None else TrialsRecord(**d["trials"]), assign_s=d["assign_s"])

@@ -1,0 +1,199 @@
+"""One ``cryospin abinit`` run, from the input file to the final outputs.
+
+Steps: check every input at once (the same checks as ``--dry-run``), write the
+effective ``config.yaml``, build the working-box image cache, build the engine
+(or continue it from ``checkpoint.pt``), train with checkpoints and a stop on
+SIGINT/SIGTERM, then write the outputs (lifecycle/outputs.py) and the summary.
+
+Exit codes: 0 done (or dry run), 2 bad input (InputError), 130 / 143 stopped by
+SIGINT / SIGTERM after a checkpoint (rerun with ``--continue``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryospin_relion.config import AbinitConfig
+from cryospin_relion.errors import InputError
+from cryospin_relion.io.atomic import write_json
+from cryospin_relion.lifecycle.checkpoint import (CHECKPOINT, TimedCheckpoints, input_fingerprint, load_for_resume,
+                                                  save_checkpoint)
+from cryospin_relion.lifecycle.console import TqdmProgress, close_log, open_log
+from cryospin_relion.lifecycle.outputs import final_table, write_final_outputs, write_report
+from cryospin_relion.lifecycle.pose_error import PoseErrorLog, load_true_rotations
+from cryospin_relion.lifecycle.signals import StopOnSignal
+
+
+@dataclass(frozen=True)
+class AbinitRequest:
+    """What the user asked for: the files and the run options outside the config."""
+
+    input: Path
+    output: Path
+    config: AbinitConfig  # flags > --config YAML (or DIR/config.yaml when continuing) > defaults
+    resume: bool = False  # --continue
+    datadir: str | None = None
+    angpix: float | None = None
+    dry_run: bool = False
+    quiet: bool = False
+    json_summary: Path | None = None
+    true_poses: str | None = None
+
+
+def run_abinit(req: AbinitRequest) -> int:
+    """Run ``req``; returns the exit code (InputError propagates: exit 2)."""
+    if not req.input.is_file():
+        raise InputError(f"{req.input}: --i: file not found")
+    out = req.output
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: --o: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{out}: --o: cannot create the folder ({e.strerror or e})") from None
+    from cryospin_relion.io.atomic import remove_stale_temporaries
+
+    remove_stale_temporaries(out)  # half-written files of a killed earlier run
+    log = open_log(out, req.quiet)
+    try:
+        return _Run(req, log).execute()
+    finally:
+        close_log()
+
+
+class _Run:
+    """The state of one run between its steps (the engine, the checkpoint policy, the pose-error log)."""
+
+    def __init__(self, req: AbinitRequest, log: logging.Logger):
+        self.req, self.log, self.out = req, log, req.output
+        self.t_start = time.perf_counter()
+
+    def execute(self) -> int:
+        from cryospin_relion.device import resolve_device
+        from cryospin_relion.validate import check_particles, require_valid
+
+        req, log, out = self.req, self.log, self.out
+        cfg = req.config
+        device = resolve_device(cfg.run.device)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        table = require_valid(*check_particles(req.input, out, datadir=req.datadir, angpix=req.angpix,
+                                               no_ctf=cfg.data.no_ctf))
+        box = cfg.data.working_box(int(table.box))
+        if box < 8:
+            raise InputError(f"{req.input}: image box {table.box} is too small (working box {box} < 8)")
+        cfg = cfg.with_box(box)  # config.yaml records the effective working box
+        had_config = (out / "config.yaml").is_file()
+        cfg.to_yaml(out / "config.yaml")
+        log.info(f"cryospin abinit: {len(table)} particles from {req.input}, input box {table.box}, working box {box}, "
+                 f"device {device}, threads {torch.get_num_threads()}")
+        log.info("effective config:\n" + cfg.to_yaml().rstrip())
+        if req.dry_run:
+            log.info("dry run: inputs checked, config written; not running")
+            return 0
+        return self._train_and_write(cfg, table, device, had_config)
+
+    def _train_and_write(self, cfg: AbinitConfig, table, device, had_config: bool) -> int:
+        from cryospin_relion.data.stack import build_cache
+        from cryospin_relion.engine.run import AbinitEngine
+        from cryospin_relion.geometry.ctf import CTF
+
+        req, log, out = self.req, self.log, self.out
+        cache = build_cache(table, out, cfg.data.box, invert=cfg.data.invert,
+                            progress=not req.quiet)
+        apix_work = np.asarray(cache.apix, dtype=np.float64)
+        use_ctf = not (cfg.data.no_ctf or table.ctf is None)
+        engine = AbinitEngine(cache.images, torch.as_tensor(apix_work, dtype=torch.float32),
+                              CTF.from_arrays(table.ctf.as_dict()) if use_ctf else None, cfg, device,
+                              progress=None if req.quiet else TqdmProgress())
+        self.engine = engine
+        self.ckpt = out / CHECKPOINT
+        self.fingerprint = input_fingerprint(req.input, len(table))
+        self.pose_log = PoseErrorLog(load_true_rotations(req.true_poses, table)) if req.true_poses else None
+        self._resume(cfg, had_config)
+
+        timed = TimedCheckpoints(cfg.run.checkpoint_minutes)
+
+        def checkpoint() -> None:
+            save_checkpoint(self.ckpt, engine.state_dict(), self.fingerprint,
+                            None if self.pose_log is None else self.pose_log.state_dict())
+            timed.saved()
+
+        def on_epoch_end(eng) -> None:
+            checkpoint()
+            if self.pose_log is not None:
+                self.pose_log.record(eng)
+            write_json(out / "history.json", self.history_json())
+
+        with StopOnSignal(log) as stop:
+            def after_batch() -> bool:
+                """Polled after every batch (a consistent state): timed checkpoints, stop requests."""
+                if timed.due() and engine.resumable:
+                    checkpoint()
+                return stop.requested
+
+            status = engine.run(should_stop=after_batch, on_epoch_end=on_epoch_end,
+                                on_trial_epoch_end=None if self.pose_log is None else self.pose_log.record)
+        if status == "stopped":
+            checkpoint()
+            write_json(out / "history.json", self.history_json())
+            epoch, _, batch = engine.position
+            log.info(f"stopped at epoch {epoch + 1}, batch {batch}; checkpoint written to {self.ckpt}; "
+                     f"rerun with --continue to resume")
+            return stop.exit_code
+        t_train = time.perf_counter() - self.t_start
+
+        result = write_final_outputs(out, table, cache.images, apix_work, engine.final_poses(),
+                                     engine.decoder_map().numpy(), flip_hand=cfg.run.flip_hand, seed=cfg.run.seed,
+                                     use_ctf=use_ctf, write_cs=req.input.suffix.lower() == ".cs", device=device,
+                                     progress=not req.quiet, log=log)
+        hist = self.history_json(final_resolution_A=result.resolution_A)
+        write_json(out / "history.json", hist)
+        total = time.perf_counter() - self.t_start
+        log.info(f"half-map FSC 0.143 resolution {result.resolution_A:.2f} A (Nyquist {2 * result.apix:.2f} A; halves "
+                 f"share one ab-initio run, so this is optimistic); training {t_train:.0f} s, total {total:.0f} s")
+        h = engine.history
+        summary = {
+            "input": str(req.input), "output": str(out), "n_particles": len(table), "box": result.box,
+            "apix": result.apix, "resolution_A": result.resolution_A, "switch_epoch": h.switch_epoch,
+            "epochs": len(h), "final_loss": h.last.loss if h.last else None, "train_s": t_train, "total_s": total,
+            **h.stage_seconds(), "final_outputs_s": total - t_train, "device": str(device),
+            "outputs": sorted(p.name for p in out.iterdir() if not p.name.startswith(".")),
+        }
+        write_report(out, result, hist, summary, log)
+        if req.json_summary:
+            write_json(Path(req.json_summary), summary)
+        if not req.quiet:
+            print(final_table(summary, out))
+        return 0
+
+    def _resume(self, cfg: AbinitConfig, had_config: bool) -> None:
+        req, log, engine = self.req, self.log, self.engine
+        if not req.resume:
+            return
+        if not self.ckpt.is_file() and had_config:
+            # killed before its first checkpoint (e.g. during the stage-1 starts): nothing to lose
+            log.info(f"--continue: no checkpoint yet in {self.out}; starting from the beginning")
+            return
+        state = load_for_resume(self.ckpt, cfg, self.fingerprint)
+        try:
+            engine.load_state_dict(state["engine"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise InputError(f"{self.ckpt}: --continue: checkpoint does not match this run ({e})") from None
+        if self.pose_log is not None and state.get("pose_error"):
+            self.pose_log.load_state_dict(state["pose_error"])
+        epoch, stage, batch = engine.position
+        log.info(f"resuming at epoch {epoch + 1} (stage {stage}, batch {batch})")
+
+    def history_json(self, **extra) -> dict:
+        """history.json: the engine's per-epoch record (engine/history.py), the pose errors, and ``extra``."""
+        h = self.engine.history.to_json()
+        if self.pose_log is not None:
+            h["pose_error"] = self.pose_log.to_json(self.engine)
+        return h | extra

@@ -1,0 +1,97 @@
+"""The final outputs of an ab-initio run, written atomically into its folder.
+
+- ``half1_map.mrc``, ``half2_map.mrc``: backprojections of the two random halves with the
+  final poses (both halves come from ONE ab-initio run, so they are not independent
+  refinements and their FSC is optimistic);
+- ``map.mrc``: all particles, low-pass filtered at the half-map 0.143 resolution (a RELION
+  initial model for ``--ini_high``). These three are at the particles' box and pixel size,
+  as RELION and cryoSPARC refinement need (Fourier padding adds no information);
+- ``decoder_map.mrc``: the learned volume, at the working box;
+- ``fsc.txt``; ``particles.star`` (and ``particles.cs`` for .cs input) with every input column;
+- ``logfile.pdf`` and PNGs (the report never fails the run).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cryospin_relion.geometry.filters import lowpass, resample_box
+from cryospin_relion.geometry.hand import flip_poses_hand, flip_volume_hand
+from cryospin_relion.halfmaps import output_apix, reconstruct_halves
+from cryospin_relion.io.fsc_table import write_fsc
+from cryospin_relion.io.mrc import write_mrc
+from cryospin_relion.io.particles import ParticleTable
+from cryospin_relion.io.read import write_particles
+
+
+@dataclass
+class FinalResult:
+    """What the outputs are made of, for the summary and the report."""
+
+    resolution_A: float  # half-map FSC 0.143
+    apix: float  # voxel size at the working box
+    box: int  # working box
+    fsc: np.ndarray  # (box // 2 + 1,)
+    map: np.ndarray  # unfiltered map of all particles at the working box
+    rotations: np.ndarray  # (N, 3, 3) final RELION poses (hand flipped if asked)
+
+
+def write_final_outputs(out: Path, table: ParticleTable, images, apix_work: np.ndarray, poses: tuple, decoder: np.ndarray,
+                        *, flip_hand: bool, seed: int, use_ctf: bool, write_cs: bool, device, progress: bool,
+                        log: logging.Logger) -> FinalResult:
+    """Backproject the halves with the final ``poses`` (rotations (N, 3, 3), shifts (N, 2) working-box px,
+    content translation) and write every output file; ``decoder`` is the learned map (n, n, n)."""
+    R, t_px = poses
+    box = int(decoder.shape[-1])
+    if flip_hand:
+        R, decoder = flip_poses_hand(R), flip_volume_hand(decoder)
+    shifts_A = -t_px * apix_work[:, None]  # RELION origin = - content translation * pixel size
+    halves = table.halves(seed)
+    log.info("backprojecting the two halves with the final poses")
+    hm = reconstruct_halves(images, table, rotations=R, shifts_A=shifts_A, halves=halves, use_ctf=use_ctf,
+                            device=device, seed=seed, progress=progress)
+    apix_out = float(output_apix(table, box, box))
+    res = float(hm.resolution)
+    pbox, papix = int(table.box), float(output_apix(table, int(table.box), int(table.box)))
+    write_mrc(out / "half1_map.mrc", resample_box(hm.half1, pbox), papix)
+    write_mrc(out / "half2_map.mrc", resample_box(hm.half2, pbox), papix)
+    write_mrc(out / "map.mrc", resample_box(lowpass(hm.map, res, apix_out), pbox), papix)
+    write_mrc(out / "decoder_map.mrc", decoder, apix_out)
+    write_fsc(out / "fsc.txt", hm.fsc, box, apix_out)
+    new = table.with_poses(R, shifts_A, halves)
+    write_particles(new, out / "particles.star")
+    if write_cs:
+        write_particles(new, out / "particles.cs")
+    return FinalResult(res, apix_out, box, hm.fsc, hm.map, R)
+
+
+def write_report(out: Path, result: FinalResult, history_json: dict, summary: dict, log: logging.Logger) -> None:
+    """logfile.pdf and the PNGs; a failure is logged, never raised (the maps are what matters)."""
+    from cryospin_relion.report import make_report
+
+    try:
+        make_report(out, fsc=result.fsc, fsc_resolution_A=result.resolution_A, apix=result.apix, box=result.box,
+                    history=history_json, rotations=result.rotations, volume=result.map, summary=summary,
+                    pose_error_history=history_json.get("pose_error"))
+    except Exception as e:  # the report must never fail the run
+        log.info(f"report not written: {type(e).__name__}: {e}")
+
+
+def final_table(summary: dict, out: Path) -> str:
+    """The short table printed at the end of a run."""
+    rows = [
+        ("resolution (FSC 0.143, half maps)", f"{summary['resolution_A']:.2f} A  (Nyquist {2 * summary['apix']:.2f} A)"),
+        ("particles used", f"{summary['n_particles']}"),
+        ("stage 1 (auto-encoding)", f"{summary['stage1_s']:.0f} s"),
+        ("stage 2 (auto-decoding)", f"{summary['stage2_s']:.0f} s"),
+        ("maps, FSC, pose files", f"{summary['final_outputs_s']:.0f} s"),
+        ("map / half maps", f"{out / 'map.mrc'}  {out / 'half1_map.mrc'}  {out / 'half2_map.mrc'}"),
+        ("poses", "  ".join(str(out / n) for n in ("particles.star", "particles.cs") if (out / n).is_file())),
+        ("report", str(out / "logfile.pdf")),
+    ]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(["", "cryospin abinit finished", *(f"  {k:<{w}}  {v}" for k, v in rows)])
