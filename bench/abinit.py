@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from engine_synth import align_poses, backproject_fsc, simulate  # noqa: E402
-
-from cryospin_relion.config import AbinitConfig  # noqa: E402
-from cryospin_relion.engine.losses import per_image_loss, render  # noqa: E402
-from cryospin_relion.engine.run import AbinitEngine  # noqa: E402
+from cryospin_relion.config import AbinitConfig
+from cryospin_relion.engine.forward import per_image_loss, render
+from cryospin_relion.engine.run import AbinitEngine
+from cryospin_relion.evaluate.blobs import backproject_fsc, simulate_blobs
+from cryospin_relion.evaluate.pose_error import align_pose_sets
 
 
 def peak_rss_mb() -> float:
@@ -39,12 +36,14 @@ def run_row(name: str, d: dict, cfg: AbinitConfig) -> dict:
     eng.run()
     wall = time.perf_counter() - t0
     R, t = eng.final_poses()
-    al = align_poses(R, d["R"], t, d["t"])
-    r = backproject_fsc(d["images"], al["R_aligned"], al["t_aligned"], d["apix"], d["ctf"], d["vol"].double())
-    s1 = [x for x, s in zip(eng.history["images_per_s"], eng.history["stage"]) if s == 1]
-    s2 = [x for x, s in zip(eng.history["images_per_s"], eng.history["stage"]) if s == 2]
-    return {"name": name, "wall_s": wall, "res05": r["res05"], "median_deg": al["median_deg"],
-            "switch": eng.history["switch_epoch"], "s1_img_s": sum(s1) / max(1, len(s1)),
+    al = align_pose_sets(d["R"], R, d["t"], t)
+    R_al, t_al = al.to_truth_frame(R, t)
+    r = backproject_fsc(d["images"], R_al, t_al, d["apix"], d["ctf"], d["vol"].double())
+    h = eng.history
+    s1 = [x for x, s in zip(h.column("images_per_s"), h.column("stage")) if s == 1]
+    s2 = [x for x, s in zip(h.column("images_per_s"), h.column("stage")) if s == 2]
+    return {"name": name, "wall_s": wall, "res05": r["res05"], "median_deg": al.median_deg,
+            "switch": h.switch_epoch, "s1_img_s": sum(s1) / max(1, len(s1)),
             "s2_img_s": sum(s2) / max(1, len(s2)), "rss_mb": peak_rss_mb(), "engine": eng}
 
 
@@ -75,14 +74,15 @@ def main() -> None:
     p.add_argument("--rows", default="", help="comma-separated substrings of the row names to run")
     a = p.parse_args()
     torch.set_num_threads(a.j)
-    d = simulate(a.box, a.n, apix=128.0 / a.box, snr=a.snr, seed=0)
+    d = simulate_blobs(a.box, a.n, apix=128.0 / a.box, snr=a.snr, seed=0)
     nyq = 2 * d["apix"]
-    rows_cfg = [("default (fast)", AbinitConfig())]
+    base = AbinitConfig()
+    rows_cfg = [("default (fast)", base)]
     if not a.quick:
-        rows_cfg += [("paper encoder", AbinitConfig(preset="paper")),
-                     ("loss l2", AbinitConfig(loss="l2")),
-                     ("no coarse-to-fine", AbinitConfig(coarse_to_fine=False)),
-                     ("no exploration", AbinitConfig(explore_candidates=0))]
+        rows_cfg += [("paper encoder", base.override(preset="paper")),
+                     ("loss l2", base.override(loss="l2")),
+                     ("no coarse-to-fine", base.override(coarse_to_fine=False)),
+                     ("no exploration", base.override(explore_candidates=0))]
     if a.rows:
         rows_cfg = [r for r in rows_cfg if any(k in r[0] for k in a.rows.split(","))]
     rows = []
@@ -102,9 +102,9 @@ def main() -> None:
     eng = rows[0]["engine"]
     cfg = eng.cfg
     bare = bare_rate(eng, d)
-    per_img_passes = cfg.pose_iters + cfg.vol_iters
-    print(f"\nstage 2: {rows[0]['s2_img_s']:.0f} img/s with {cfg.pose_iters} pose + {cfg.vol_iters} volume steps "
-          f"per batch; bare slice+CTF+shift+loss fwd/bwd {bare:.0f} img/s "
+    per_img_passes = cfg.optim.pose_iters + cfg.optim.vol_iters
+    print(f"\nstage 2: {rows[0]['s2_img_s']:.0f} img/s with {cfg.optim.pose_iters} pose + {cfg.optim.vol_iters} "
+          f"volume steps per batch; bare slice+CTF+shift+loss fwd/bwd {bare:.0f} img/s "
           f"(ideal stage-2 rate {bare / per_img_passes:.0f} img/s)")
 
 

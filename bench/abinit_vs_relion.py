@@ -213,16 +213,14 @@ def bare_rate(box: int, j: int, batch: int = 64, reps: int = 10) -> float:
     (``bench/abinit.py``'s measurement, on a small simulated batch)."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    sys.path.insert(0, str(ROOT / "bench"))
-    from abinit import bare_rate as engine_bare_rate
-    from engine_synth import simulate
+    from abinit import bare_rate as engine_bare_rate  # bench/abinit.py: the script's folder is on sys.path
 
     from cryospin_relion.config import AbinitConfig
     from cryospin_relion.engine.run import AbinitEngine
+    from cryospin_relion.evaluate.blobs import simulate_blobs
 
     torch.set_num_threads(j)
-    d = simulate(box, batch, apix=4.0, snr=0.1, seed=0)
+    d = simulate_blobs(box, batch, apix=4.0, snr=0.1, seed=0)
     eng = AbinitEngine(d["images"], d["apix"], d["ctf"], AbinitConfig(), "cpu", progress=False)
     return engine_bare_rate(eng, d, batch, reps)
 

@@ -98,7 +98,7 @@ def in_process(star: Path, threads: int) -> tuple[float, float]:
     full map, and writing them, in this process (interpreter and imports already paid for)."""
     from cryospin_relion.data.stack import ImageSource
     from cryospin_relion.io.read import read_particles
-    from cryospin_relion.reconstruct import reconstruct_halves
+    from cryospin_relion.halfmaps import reconstruct_halves
 
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)

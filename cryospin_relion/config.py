@@ -42,18 +42,19 @@ GROUP_MAIN, GROUP_SCHEDULE, GROUP_SEARCH = None, "schedule", "stage-1 pose searc
 
 
 def opt(default: Any, help: str, *, flag: str | bool = False, metavar: str | None = None, off_flag: str | None = None,
-        resumable: bool = False, group: str | None = GROUP_MAIN) -> Any:
+        off_help: str | None = None, resumable: bool = False, group: str | None = GROUP_MAIN) -> Any:
     """A config field with its documentation.
 
     Args:
         help: the help text; ``{default}`` is replaced by the default.
         flag: True = a flag named after the field (``_`` -> ``-``), a string = that flag name, False = none.
-        off_flag: for a boolean that defaults to True, the flag that sets it to False (``no-auto-switch``).
+        off_flag: for a boolean that defaults to True, the flag that sets it to False (``no-auto-switch``), with
+            its own help text ``off_help``.
         resumable: the option may change between a checkpoint and ``--continue`` (length of the schedule,
             hardware, what is done with the result), the others may not.
     """
-    meta = {"help": help, "flag": flag, "metavar": metavar, "off_flag": off_flag, "resumable": resumable,
-            "group": group}
+    meta = {"help": help, "flag": flag, "metavar": metavar, "off_flag": off_flag, "off_help": off_help,
+            "resumable": resumable, "group": group}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -63,7 +64,8 @@ def opt(default: Any, help: str, *, flag: str | bool = False, metavar: str | Non
 class DataConfig:
     """What is read: the working box and how the images are taken."""
 
-    box: int | None = opt(None, "working box in pixels, even (default min(input box, max_box))", flag=True)
+    box: int | None = opt(None, "working box in pixels, even (default min(input box, max_box), max_box 64)",
+                          flag=True)
     max_box: int = opt(64, "cap for the automatic working box")
     invert: bool = opt(False, "invert the image contrast (protein black -> white)", flag=True)
     no_ctf: bool = opt(False, "ignore the CTF", flag=True)
@@ -98,8 +100,9 @@ class ScheduleConfig:
     epochs_amortized: int = opt(10, "max stage-1 epochs (default {default})", flag=True, resumable=True)
     min_epochs_amortized: int = opt(7, "stage 1 lasts at least this many epochs (default {default})", flag=True,
                                     metavar="E", group=GROUP_SCHEDULE)
-    auto_switch: bool = opt(True, "switch early once winning poses stop changing",
-                            off_flag="no-auto-switch", group=GROUP_SCHEDULE)
+    auto_switch: bool = opt(True, "switch early once winning poses stop changing", off_flag="no-auto-switch",
+                            off_help="run all --epochs-amortized epochs of stage 1 (no early switch)",
+                            group=GROUP_SCHEDULE)
     switch_threshold_deg: float = opt(
         3.0, "auto-switch once the median change of the winning pose between epochs is below this (default "
         "{default})", flag="switch-threshold", metavar="DEG", group=GROUP_SCHEDULE)
@@ -113,7 +116,8 @@ class ScheduleConfig:
                                 flag=True, metavar="N", group=GROUP_SCHEDULE)
     batch_size: int = opt(64, "batch size (default {default})", flag=True, metavar="B")
     coarse_to_fine: bool = opt(True, "work at a reduced Fourier box early (beyond the reference)",
-                               off_flag="no-coarse-to-fine", group=GROUP_SCHEDULE)
+                               off_flag="no-coarse-to-fine", off_help="work at the full working box from the start",
+                               group=GROUP_SCHEDULE)
     # the pose search needs only low resolution (~2 x apix x box / 32; cf. RELION's 15 A SGD limit)
     stage1_max_crop: int = opt(32, "largest Fourier box of stage 1, 0 = the working box (default {default})",
                                flag=True, metavar="PX", group=GROUP_SCHEDULE)

@@ -183,7 +183,7 @@ def reconstruct_halves(
     apix_out = output_apix(table, n, m)
     scale = m / n  # pixel size growth from Fourier cropping
     apix_all = np.asarray(table.apix, dtype=np.float64) * (table.box or m) / m * scale  # (N,) at box n
-    ctf = CTF.from_arrays(table.ctf.as_dict(), dtype=torch.float64) if (use_ctf and table.ctf is not None) else None
+    ctf = CTF.from_arrays(table.ctf, dtype=torch.float64) if (use_ctf and table.ctf is not None) else None
 
     if batch_size is None:
         batch_size = int(min(8192, max(64, (1 << 25) // (m * m))))

@@ -13,33 +13,31 @@ ended in a wrong basin (22 and 58 deg).
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from engine_synth import align_poses, backproject_fsc, simulate  # noqa: E402
-
-from cryospin_relion.config import AbinitConfig  # noqa: E402
-from cryospin_relion.engine.run import AbinitEngine  # noqa: E402
-from cryospin_relion.geometry.ctf import CTF  # noqa: E402
+from cryospin_relion.config import AbinitConfig
+from cryospin_relion.engine.run import AbinitEngine
+from cryospin_relion.evaluate.blobs import backproject_fsc, simulate_blobs
+from cryospin_relion.evaluate.pose_error import align_pose_sets
+from cryospin_relion.geometry.ctf import CTF
 
 
 @pytest.fixture(scope="module")
 def result():
     torch.set_num_threads(2)
-    d = simulate(n=32, N=2000, apix=4.0, snr=0.3, max_shift_px=2.0, seed=0)
+    d = simulate_blobs(n=32, N=2000, apix=4.0, snr=0.3, max_shift_px=2.0, seed=0)
     t0 = time.perf_counter()
     eng = AbinitEngine(d["images"], d["apix"], CTF.from_arrays(d["ctf"]), AbinitConfig(), "cpu")
     assert eng.run() == "done"
     wall = time.perf_counter() - t0
     R, t = eng.final_poses()
-    al = align_poses(R, d["R"], t, d["t"])
-    r = backproject_fsc(d["images"], al["R_aligned"], al["t_aligned"], d["apix"], d["ctf"], d["vol"].double())
-    return {"wall": wall, "median_deg": al["median_deg"], "res05": r["res05"], "nyq": 2 * d["apix"], "eng": eng}
+    al = align_pose_sets(d["R"], R, d["t"], t)
+    R_al, t_al = al.to_truth_frame(R, t)
+    r = backproject_fsc(d["images"], R_al, t_al, d["apix"], d["ctf"], d["vol"].double())
+    return {"wall": wall, "median_deg": al.median_deg, "res05": r["res05"], "nyq": 2 * d["apix"], "eng": eng}
 
 
 @pytest.mark.slow

@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from cryospin_relion import cli
-from cryospin_relion.evaluate.align import (
-    MIRROR, align_maps, flip_poses_hand, super_fibonacci_rotations, transform_volume,
-)
+from cryospin_relion.evaluate.align import align_maps, transform_volume
 from cryospin_relion.evaluate.pose_error import pose_errors
 from cryospin_relion.evaluate.synthetic import synthetic_map
+from cryospin_relion.geometry.hand import MIRROR, flip_poses_hand
 from cryospin_relion.geometry.projection import project_spectrum
 from cryospin_relion.geometry.rotations import geodesic_distance_deg, random_rotations, so3_exp
 from cryospin_relion.geometry.slicing import volume_to_projector
@@ -39,16 +38,6 @@ def _deg(R1, R2) -> float:
 def _project(vol, A, trans=None):
     spec = volume_to_projector(torch.as_tensor(vol, dtype=torch.float32), pad=2)
     return project_spectrum(spec, torch.as_tensor(A, dtype=torch.float32), vol.shape[-1], translations_px=trans).numpy()
-
-
-def test_super_fibonacci_is_uniform():
-    R = super_fibonacci_rotations(2000)
-    assert torch.allclose(R @ R.transpose(-1, -2), torch.eye(3, dtype=R.dtype).expand(2000, 3, 3), atol=1e-10)
-    # every random rotation has a grid neighbour within ~1.2x the typical spacing
-    probe = random_rotations(200, torch.Generator().manual_seed(0))
-    d = geodesic_distance_deg(probe[:, None], R[None]).min(1).values
-    spacing = np.degrees((8 * np.pi**2 / 2000) ** (1 / 3))
-    assert float(d.max()) < 1.2 * spacing
 
 
 @pytest.mark.parametrize("mirror", [False, True])

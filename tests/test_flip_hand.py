@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cryospin_relion import cli
-from cryospin_relion.evaluate.align import MIRROR, flip_poses_hand, flip_volume_hand
-from cryospin_relion.geometry.ctf import ctf_2d
-from cryospin_relion.geometry.projection import ctf_params_to_tensors, project_spectrum
+from cryospin_relion.geometry.ctf import CTF, ctf_2d
+from cryospin_relion.geometry.hand import MIRROR, flip_poses_hand, flip_volume_hand
+from cryospin_relion.geometry.projection import project_spectrum
 from cryospin_relion.geometry.rotations import euler_to_matrix_np, matrix_to_euler_np, random_rotations
 from cryospin_relion.geometry.shifts import origin_to_translation
 from cryospin_relion.geometry.slicing import volume_to_projector
@@ -54,9 +54,9 @@ def test_flipped_map_at_flipped_poses_gives_same_images(n):
     g = torch.Generator().manual_seed(1)
     A = random_rotations(12, g).numpy()
     trans = torch.randn(12, 2, generator=g) * 3
-    params = {"defocus_u": torch.full((12,), 15000.0), "defocus_v": torch.full((12,), 14000.0),
-              "defocus_angle": torch.linspace(0, 170, 12), "voltage": torch.full((12,), 300.0),
-              "cs": torch.full((12,), 2.7), "amp_contrast": torch.full((12,), 0.1)}
+    params = CTF(defocus_u=torch.full((12,), 15000.0), defocus_v=torch.full((12,), 14000.0),
+                 defocus_angle=torch.linspace(0, 170, 12), voltage=torch.full((12,), 300.0),
+                 cs=torch.full((12,), 2.7), amp_contrast=torch.full((12,), 0.1))
     ctf = ctf_2d(n, torch.full((12,), 2.0), params)
     orig = _project(vol, A, trans, ctf)
     flipped = _project(flip_volume_hand(vol), flip_poses_hand(A), trans, ctf)
@@ -82,7 +82,7 @@ def test_flip_hand_command_with_poses(tmp_path):
     with mrcfile.open(sim / "particles.mrcs") as m:
         imgs = np.array(m.data)
     apix = torch.as_tensor(table.apix, dtype=torch.float32)
-    ctf = ctf_2d(32, apix, ctf_params_to_tensors(table.ctf))
+    ctf = ctf_2d(32, apix, CTF.from_arrays(table.ctf))
     trans = origin_to_translation(torch.as_tensor(table.shifts_A, dtype=torch.float32), apix)
     proj = _project(fvol, table.rotations, trans, ctf)
     np.testing.assert_allclose(proj, imgs, atol=2e-4 * np.abs(imgs).max())

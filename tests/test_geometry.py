@@ -10,15 +10,15 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from cryospin_relion.geometry import backproject as bp
-from cryospin_relion.geometry.ctf import ctf_2d, ctf_from_freqs
+from cryospin_relion.geometry.ctf import CTF, ctf_2d, ctf_from_freqs
 from cryospin_relion.geometry.fourier import (
     fft2_centered, fft_to_hartley, fourier_crop_2d, ht2_centered, ifft2_centered,
 )
 from cryospin_relion.geometry.fsc import fsc, resolution_at
 from cryospin_relion.geometry.projection import project_spectrum
 from cryospin_relion.geometry.rotations import (
-    cryosparc_pose_to_relion, euler_to_matrix_np, matrix_to_euler, random_rotations,
-    relion_to_cryosparc_pose, sixd_to_matrix, so3_exp, so3_log,
+    cryosparc_pose_to_relion, euler_to_matrix_np, geodesic_distance_deg, matrix_to_euler, random_rotations,
+    relion_to_cryosparc_pose, rotation_angle_deg, sixd_to_matrix, so3_exp, so3_log, super_fibonacci_rotations,
 )
 from cryospin_relion.geometry.shifts import hartley_shift, origin_to_translation, phase_ramp
 from cryospin_relion.geometry.slicing import extract_slices, volume_to_projector
@@ -36,14 +36,14 @@ def atoms(n: int, natoms: int = 60, sigma: float = 0.8, seed: int = 0) -> torch.
     return torch.as_tensor(v, dtype=F64)
 
 
-def ctf_params(b: int, seed: int = 0, **over) -> dict[str, torch.Tensor]:
+def ctf_params(b: int, seed: int = 0, **over) -> CTF:
     rng = np.random.default_rng(seed)
     p = dict(defocus_u=rng.uniform(8000, 25000, b), defocus_v=rng.uniform(8000, 25000, b),
              defocus_angle=rng.uniform(-180, 180, b), voltage=np.full(b, 300.0), cs=np.full(b, 2.7),
              amp_contrast=np.full(b, 0.1), phase_shift=rng.uniform(0, 90, b), bfactor=rng.uniform(0, 100, b),
              scale=rng.uniform(0.5, 1.0, b))
     p.update({k: np.full(b, v, dtype=np.float64) for k, v in over.items()})
-    return {k: torch.as_tensor(v, dtype=F64) for k, v in p.items()}
+    return CTF(**{k: torch.as_tensor(v, dtype=F64) for k, v in p.items()})
 
 
 # -- rotations -------------------------------------------------------------------------------------
@@ -77,6 +77,25 @@ def test_so3_exp_log_round_trip(angle):
     np.testing.assert_allclose(so3_exp(so3_log(R2)).numpy(), R2.numpy(), atol=1e-12)
 
 
+def test_super_fibonacci_is_uniform_and_one_set_in_every_dtype():
+    R = super_fibonacci_rotations(2000)
+    assert torch.allclose(R @ R.transpose(-1, -2), torch.eye(3, dtype=R.dtype).expand(2000, 3, 3), atol=1e-10)
+    assert torch.equal(super_fibonacci_rotations(2000, dtype=torch.float32), R.float())
+    # every random rotation has a grid neighbour within ~1.2x the typical spacing
+    probe = random_rotations(200, torch.Generator().manual_seed(0))
+    d = geodesic_distance_deg(probe[:, None], R[None]).min(1).values
+    spacing = np.degrees((8 * np.pi**2 / 2000) ** (1 / 3))
+    assert float(d.max()) < 1.2 * spacing
+
+
+def test_rotation_angle_is_the_geodesic_distance_from_the_identity():
+    w = torch.randn(50, 3, generator=torch.Generator().manual_seed(4), dtype=F64)
+    w = w / w.norm(dim=-1, keepdim=True) * torch.linspace(0.1, 3.0, 50, dtype=F64)[:, None]  # angles in (0, pi)
+    np.testing.assert_allclose(rotation_angle_deg(so3_exp(w)).numpy(), np.degrees(w.norm(dim=-1).numpy()), atol=1e-9)
+    R1, R2 = random_rotations(2, torch.Generator().manual_seed(5))
+    assert float(geodesic_distance_deg(R1, R2)) == pytest.approx(float(rotation_angle_deg(R1.T @ R2)), abs=1e-9)
+
+
 def test_sixd_to_matrix_gives_rotations():
     d6 = torch.randn(100, 6, generator=torch.Generator().manual_seed(3), dtype=F64)
     R = sixd_to_matrix(d6)
@@ -104,7 +123,7 @@ def test_ctf_matches_relion_formula():
     box, apix = 64, 1.5
     p = dict(defocus_u=15000.0, defocus_v=11000.0, defocus_angle=30.0, voltage=200.0, cs=2.0, amp_contrast=0.07,
              phase_shift=40.0, bfactor=60.0, scale=0.8)
-    c = ctf_2d(box, torch.tensor([apix], dtype=F64), {k: torch.tensor([v], dtype=F64) for k, v in p.items()},
+    c = ctf_2d(box, torch.tensor([apix], dtype=F64), CTF(**{k: torch.tensor([v], dtype=F64) for k, v in p.items()}),
                dtype=F64)[0].numpy()
     for x, y in [(3, 0), (0, 5), (7, 4), (-9, 11), (20, -13), (-31, -2), (31, 31)]:
         ref = relion_ctf_numpy(x / (box * apix), y / (box * apix), p["defocus_u"], p["defocus_v"], p["defocus_angle"],
@@ -117,16 +136,16 @@ def test_ctf_astigmatism_direction_and_zero_frequency():
     base = dict(voltage=300.0, cs=2.7, amp_contrast=0.1, phase_shift=0.0, bfactor=0.0, scale=1.0)
     ang = 30.0
     fx, fy = s * math.cos(math.radians(ang)), s * math.sin(math.radians(ang))
-    t = lambda d: {k: torch.tensor([v], dtype=F64) for k, v in d.items()}  # noqa: E731
+    t = lambda d: CTF(**{k: torch.tensor([v], dtype=F64) for k, v in d.items()})  # noqa: E731
     astig = ctf_from_freqs(torch.tensor([[fx]], dtype=F64), torch.tensor([[fy]], dtype=F64),
-                           **t(dict(base, defocus_u=20000.0, defocus_v=10000.0, defocus_angle=ang)))
+                           t(dict(base, defocus_u=20000.0, defocus_v=10000.0, defocus_angle=ang)))
     iso_u = ctf_from_freqs(torch.tensor([[s]], dtype=F64), torch.tensor([[0.0]], dtype=F64),
-                           **t(dict(base, defocus_u=20000.0, defocus_v=20000.0, defocus_angle=0.0)))
+                           t(dict(base, defocus_u=20000.0, defocus_v=20000.0, defocus_angle=0.0)))
     assert astig.item() == pytest.approx(iso_u.item(), abs=1e-12)  # along the angle: defocus U
     perp = ctf_from_freqs(torch.tensor([[-fy]], dtype=F64), torch.tensor([[fx]], dtype=F64),
-                          **t(dict(base, defocus_u=20000.0, defocus_v=10000.0, defocus_angle=ang)))
+                          t(dict(base, defocus_u=20000.0, defocus_v=10000.0, defocus_angle=ang)))
     iso_v = ctf_from_freqs(torch.tensor([[s]], dtype=F64), torch.tensor([[0.0]], dtype=F64),
-                           **t(dict(base, defocus_u=10000.0, defocus_v=10000.0, defocus_angle=0.0)))
+                           t(dict(base, defocus_u=10000.0, defocus_v=10000.0, defocus_angle=0.0)))
     assert perp.item() == pytest.approx(iso_v.item(), abs=1e-12)  # perpendicular: defocus V
     c = ctf_2d(box, torch.tensor([apix]), t(dict(base, defocus_u=20000.0, defocus_v=10000.0, defocus_angle=ang)),
                dtype=F64)
@@ -134,14 +153,14 @@ def test_ctf_astigmatism_direction_and_zero_frequency():
 
 
 def test_backprojection_ctf_at_plane_points_matches_ctf_from_freqs():
-    """backproject's atan2-free CTF (float32) equals ctf.ctf_from_freqs at the inserted frequencies."""
+    """backproject's CTF (float32 terms per plane) equals ctf.ctf_from_freqs (float64) at the inserted frequencies."""
     n, pad = 48, 2
     plane = bp._plane(n, pad * n, torch.device("cpu"))
     apix = torch.tensor([1.3, 2.1, 0.9], dtype=F64)
     p = ctf_params(3, seed=4)
     fast = bp._ctf_points(plane, apix, p).double()
     kx, ky = plane.k.double()
-    ref = ctf_from_freqs(kx[None, None] / (apix[:, None, None] * n), ky[None, None] / (apix[:, None, None] * n), **p)[:, 0]
+    ref = ctf_from_freqs(kx[None, None] / (apix[:, None, None] * n), ky[None, None] / (apix[:, None, None] * n), p)[:, 0]
     np.testing.assert_allclose(fast.numpy(), ref.numpy(), atol=2e-5)
 
 
@@ -259,8 +278,8 @@ def test_backprojection_recovers_map_from_noiseless_projections(n, ctf):
     acc = bp.Accumulator.zeros(n)
     for a in range(0, len(imgs), 500):
         s = slice(a, a + 500)
-        bp.insert_images(acc, imgs[s], R[s], t[s], apix[s], None if p is None else {k: v[s] for k, v in p.items()})
-    rec = bp.reconstruct(acc)
+        bp.insert_images(acc, imgs[s], R[s], t[s], apix[s], None if p is None else p[s])
+    rec = bp.volume_from_accumulator(acc)
     curve = fsc(rec, vol).numpy()
     assert curve[1 : int(0.8 * n / 2) + 1].min() >= 0.99, np.round(curve, 4)
     scale = float((rec.double() * vol).sum() / (vol * vol).sum())
@@ -276,7 +295,7 @@ def test_backprojection_independent_of_threads_and_batching():
         acc = bp.Accumulator.zeros(n)
         for a in range(0, 400, step):
             s = slice(a, a + step)
-            bp.insert_images(acc, imgs[s], R[s], t[s], apix[s], {k: v[s] for k, v in p.items()}, threads=threads)
+            bp.insert_images(acc, imgs[s], R[s], t[s], apix[s], p[s], threads=threads)
         results.append(bp.accumulator_spectra(acc))
     num0, w0 = results[0]
     for num, w in results[1:]:

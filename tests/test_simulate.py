@@ -15,8 +15,8 @@ from cryospin_relion.evaluate.simulate import (
     SimulationConfig, load_map, model_to_map, resample_volume, simulate_images, structure_to_map,
 )
 from cryospin_relion.evaluate.synthetic import make_structure
-from cryospin_relion.geometry.ctf import ctf_2d
-from cryospin_relion.geometry.projection import ctf_params_to_tensors, project_spectrum
+from cryospin_relion.geometry.ctf import CTF, ctf_2d
+from cryospin_relion.geometry.projection import project_spectrum
 from cryospin_relion.geometry.shifts import origin_to_translation
 from cryospin_relion.geometry.slicing import volume_to_projector
 from cryospin_relion.io.mrc import write_mrc
@@ -47,7 +47,7 @@ def blob_map(tmp_path):
 def _project_table(truth: np.ndarray, table) -> np.ndarray:
     spec = volume_to_projector(torch.as_tensor(truth), pad=2)
     apix = torch.as_tensor(table.apix, dtype=torch.float32)
-    ctf = None if table.ctf is None else ctf_2d(table.box, apix, ctf_params_to_tensors(table.ctf))
+    ctf = None if table.ctf is None else ctf_2d(table.box, apix, CTF.from_arrays(table.ctf))
     trans = origin_to_translation(torch.as_tensor(table.shifts_A, dtype=torch.float32), apix)
     rot = torch.as_tensor(table.rotations, dtype=torch.float32)
     return project_spectrum(spec, rot, table.box, translations_px=trans, ctf=ctf).numpy()

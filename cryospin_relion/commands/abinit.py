@@ -62,7 +62,7 @@ def _add_option(g, o: Option) -> None:
     help = o.meta["help"].replace("{default}", str(o.default))
     if o.meta["off_flag"]:  # a boolean that defaults to True
         g.add_argument(f"--{o.meta['off_flag']}", dest=o.name, action="store_const", const=False, default=None,
-                       help=help)
+                       help=o.meta["off_help"])
         return
     tp = _plain_type(o.type)
     if tp is bool:

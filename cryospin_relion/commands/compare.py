@@ -99,7 +99,7 @@ def main(args) -> int:
     from cryospin_relion.evaluate.align import align_maps, transform_volume
     from cryospin_relion.geometry.fsc import fsc, resolution_at, shell_resolution
     from cryospin_relion.geometry.hand import MIRROR
-    from cryospin_relion.geometry.rotations import rotation_angle_deg, so3_log
+    from cryospin_relion.geometry.rotations import geodesic_distance_deg, rotation_angle_deg, so3_log
 
     t0 = time.perf_counter()
     if (args.poses is None) != (args.true_poses is None):
@@ -164,7 +164,8 @@ def main(args) -> int:
         H = np.asarray(pose_result["global_rotation"])
         if pose_result["mirror"]:
             H = MIRROR @ H @ MIRROR
-        pose_result["map_vs_pose_rotation_deg"] = round(float(rotation_angle_deg(torch.as_tensor(H.T @ res.rotation))), 3)
+        gap = geodesic_distance_deg(torch.as_tensor(H), torch.as_tensor(res.rotation))  # angle of H^T R
+        pose_result["map_vs_pose_rotation_deg"] = round(float(gap), 3)
         pose_result["same_hand_as_map"] = bool(pose_result["mirror"] == res.mirror)
         out["poses"] = pose_result
     if args.o_aligned:

@@ -24,16 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cryospin_relion.device import resolve_device
 from cryospin_relion.errors import InputError
-from cryospin_relion.geometry.ctf import ctf_2d
-from cryospin_relion.geometry.projection import ctf_params_to_tensors, project_spectrum
+from cryospin_relion.geometry.ctf import CTF, ctf_2d
+from cryospin_relion.geometry.projection import project_spectrum
 from cryospin_relion.geometry.shifts import origin_to_translation
 from cryospin_relion.geometry.slicing import volume_to_projector
 from cryospin_relion.io.atomic import ensure_writable_dir
 from cryospin_relion.io.mrc import read_mrc, write_stack
 from cryospin_relion.io.particles import ParticleTable
 from cryospin_relion.io.read import read_particles, write_particles
-from cryospin_relion.reconstruct import resolve_device
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +60,7 @@ def project_table(vol: np.ndarray, table: ParticleTable, use_ctf: bool, device: 
     spec = volume_to_projector(torch.as_tensor(vol, dtype=torch.float32, device=device))
     N = len(table)
     out = np.empty((N, n, n), dtype=np.float32)
+    ctf = CTF.from_arrays(table.ctf).to(device) if use_ctf else None
     from tqdm import tqdm
 
     with tqdm(total=N, unit="img", desc="projecting", disable=not progress) as bar:
@@ -68,10 +69,8 @@ def project_table(vol: np.ndarray, table: ParticleTable, use_ctf: bool, device: 
             apix = torch.as_tensor(table.apix[r], dtype=torch.float32, device=device)
             rot = torch.as_tensor(table.rotations[r], dtype=torch.float32, device=device)
             t = origin_to_translation(torch.as_tensor(table.shifts_A[r], dtype=torch.float32, device=device), apix)
-            ctf = None
-            if use_ctf:
-                ctf = ctf_2d(n, apix, ctf_params_to_tensors(table.ctf, r, device=device))
-            out[r] = project_spectrum(spec, rot, n, t, ctf).cpu().numpy()
+            c = None if ctf is None else ctf_2d(n, apix, ctf[torch.as_tensor(r, device=device)])
+            out[r] = project_spectrum(spec, rot, n, t, c).cpu().numpy()
             bar.update(len(r))
     return out
 

@@ -23,15 +23,15 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from cryospin_relion.device import resolve_device
 from cryospin_relion.errors import InputError
-from cryospin_relion.geometry.fsc import shell_resolution
-from cryospin_relion.io.atomic import atomic_path, ensure_writable_dir
+from cryospin_relion.halfmaps import output_apix, reconstruct_halves
+from cryospin_relion.io.atomic import ensure_writable_dir
+from cryospin_relion.io.fsc_table import write_fsc
 from cryospin_relion.io.mrc import write_mrc
 from cryospin_relion.io.read import read_particles
-from cryospin_relion.reconstruct import output_apix, reconstruct_halves, resolve_device
 
 OUTPUTS = ("half1_map.mrc", "half2_map.mrc", "map.mrc", "fsc.txt")
 
@@ -66,16 +66,6 @@ def _check_output_dir(path: Path) -> None:
         p = p.parent
     if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
         raise InputError(f"{path}: --o: folder '{p}' is not writable")
-
-
-def write_fsc(path: Path, curve: np.ndarray, box: int, apix: float) -> None:
-    """fsc.txt: '# shell resolution_A FSC' then one line per shell (shell 0 = DC, resolution inf)."""
-    res = shell_resolution(box, apix)
-    lines = ["# shell resolution_A FSC"]
-    for s, (r, c) in enumerate(zip(res, curve)):
-        lines.append(f"{s:d} {'inf' if not np.isfinite(r) else f'{r:.4f}'} {float(c):.6f}")
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 Transform convention. ``transform_volume(vol, R, t, mirror)`` returns
 
-    out(r) = m(R^T (r - t)),   m = hand.flip_volume_hand(vol) if mirror else vol
+    out(r) = m(R^T (r - t)),   m = flip_volume_hand(vol) if mirror else vol   (geometry/hand.py)
 
 with r measured from the centre voxel N // 2, r = (x, y, z) in voxels (x the
 MRC fast axis): the density is (mirrored, then) rotated by R about the centre,
@@ -14,8 +14,8 @@ blur the map the way real-space interpolation would.
 Poses. If V' = transform_volume(V, R) then the projection of V' at RELION pose
 A' equals the projection of V at A' R (so poses of V' are A R^T). The mirror
 (z flip about the centre) changes a pose A to M A M, M = diag(1, 1, -1), with
-unchanged origins: ``geometry.hand.flip_poses_hand``. Both facts are checked by projecting in
-tests/test_flip_hand.py and tests/test_compare.py.
+unchanged origins: ``flip_poses_hand``. Both facts are checked by projecting
+in tests/test_flip_hand.py and tests/test_compare.py.
 
 ``align_maps(mov, ref)`` finds (R, t, mirror) maximising the correlation of
 transform_volume(mov, R, t, mirror) with ref: a global search over a

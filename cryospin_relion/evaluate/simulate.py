@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from cryospin_relion.errors import InputError
-from cryospin_relion.geometry.ctf import ctf_2d
+from cryospin_relion.geometry.ctf import CTF, ctf_2d
 from cryospin_relion.geometry.fourier import fourier_crop_3d
 from cryospin_relion.geometry.projection import project_spectrum
 from cryospin_relion.geometry.rotations import random_rotations
@@ -287,7 +287,7 @@ def simulate_images(
     ctf = random_ctf(cfg, rng) if cfg.ctf else None
 
     spec = volume_to_projector(torch.as_tensor(volume, dtype=torch.float32), pad=2)
-    apix_t = None
+    ctf_t = None if ctf is None else CTF.from_arrays(ctf)
     s1 = s2 = 0.0
     bar = None
     if progress:
@@ -299,11 +299,7 @@ def simulate_images(
             b = min(n, a + batch)
             rots = torch.as_tensor(rot[a:b], dtype=torch.float32)
             trans = torch.as_tensor(-origin_px[a:b], dtype=torch.float32)
-            c = None
-            if ctf is not None:
-                apix_t = torch.full((b - a,), float(apix))
-                params = {k: torch.as_tensor(v[a:b], dtype=torch.float32) for k, v in ctf.as_dict().items()}
-                c = ctf_2d(box, apix_t, params)
+            c = None if ctf_t is None else ctf_2d(box, torch.full((b - a,), float(apix)), ctf_t[a:b])
             img = project_spectrum(spec, rots, box, translations_px=trans, ctf=c)
             d = img.double()
             s1 += float(d.sum())

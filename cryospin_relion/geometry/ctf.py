@@ -54,8 +54,13 @@ class CTF:
     scale: Tensor | None = None
 
     @classmethod
-    def from_arrays(cls, params: Mapping[str, object], dtype=torch.float32) -> "CTF":
-        """From a mapping of (N,) arrays/tensors with the field names (e.g. ``CTFParams.as_dict()``)."""
+    def from_arrays(cls, params: Mapping[str, object] | CTF, dtype=torch.float32) -> CTF:
+        """From a mapping of (N,) arrays/tensors with the field names, from anything with such an
+        ``as_dict()`` (``io.particles.CTFParams``), or from a record; cast to ``dtype``."""
+        if isinstance(params, CTF):
+            return params.to(dtype=dtype)
+        if hasattr(params, "as_dict"):
+            params = params.as_dict()
         return cls(**{k: torch.as_tensor(np.asarray(params[k]) if not isinstance(params[k], Tensor) else params[k],
                                          dtype=dtype)
                       for k in CTF_FIELDS if params.get(k) is not None})
@@ -153,8 +158,7 @@ def ctf_2d(box: int, apix: Tensor, params: CTF | Mapping[str, Tensor], dtype=tor
         (B, box, box)
     """
     device = apix.device
-    ctf = params if isinstance(params, CTF) else CTF.from_arrays(params, dtype=dtype)
     fy, fx = freq_grid_2d(box, device=device, dtype=dtype)  # cycles per pixel
     r2, cos2t, sin2t = angle_terms(fx, fy)
     inv2 = (1.0 / apix.to(dtype) ** 2)[:, None, None]  # (cycles per pixel)^2 -> 1/A^2
-    return ctf_at(r2[None] * inv2, cos2t[None], sin2t[None], ctf.to(device, dtype))
+    return ctf_at(r2[None] * inv2, cos2t[None], sin2t[None], CTF.from_arrays(params, dtype).to(device))

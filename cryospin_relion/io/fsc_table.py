@@ -23,5 +23,5 @@ def write_fsc(path: str | Path, curve: np.ndarray, box: int, apix: float) -> Non
     lines = ["# shell resolution_A FSC"]
     for s, (r, c) in enumerate(zip(res, curve)):
         lines.append(f"{s:d} {'inf' if not np.isfinite(r) else f'{r:.4f}'} {float(c):.6f}")
-    with atomic_path(Path(path)) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")

@@ -110,7 +110,7 @@ class _Run:
         apix_work = np.asarray(cache.apix, dtype=np.float64)
         use_ctf = not (cfg.data.no_ctf or table.ctf is None)
         engine = AbinitEngine(cache.images, torch.as_tensor(apix_work, dtype=torch.float32),
-                              CTF.from_arrays(table.ctf.as_dict()) if use_ctf else None, cfg, device,
+                              CTF.from_arrays(table.ctf) if use_ctf else None, cfg, device,
                               progress=None if req.quiet else TqdmProgress())
         self.engine = engine
         self.ckpt = out / CHECKPOINT

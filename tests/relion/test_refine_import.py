@@ -23,14 +23,13 @@ import pytest
 import starfile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_external_job import BOX, HAVE_ABINIT, TINY, make_particles  # noqa: E402
+from test_external_job import BOX, TINY, make_particles  # noqa: E402
 
 HAVE_REFINE = all(shutil.which(x) for x in ("relion_refine_mpi", "relion_project", "mpirun"))
 pytestmark = [
     pytest.mark.relion,
     pytest.mark.slow,
     pytest.mark.skipif(not HAVE_REFINE, reason="relion_refine_mpi, relion_project or mpirun not on PATH"),
-    pytest.mark.skipif(not HAVE_ABINIT, reason="the 'cryospin abinit' command is not installed"),
 ]
 
 
