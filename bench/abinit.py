@@ -32,7 +32,7 @@ def peak_rss_mb() -> float:
 
 def run_row(name: str, d: dict, cfg: AbinitConfig) -> dict:
     t0 = time.perf_counter()
-    eng = AbinitEngine(d["images"], d["apix"], d["ctf"], cfg, "cpu", progress=False)
+    eng = AbinitEngine(d["images"], d["apix"], d["ctf"], cfg, "cpu")
     eng.run()
     wall = time.perf_counter() - t0
     R, t = eng.final_poses()

@@ -5,7 +5,7 @@ Targets (from the brief): median rotation error < 10 deg after the best global a
 3x Nyquist, in under ~3 minutes on 2 cores.
 
 Stage 1 finds the pose basin through its exploration candidates (engine/stage1.py) and keeps
-the best of 3 starts (engine/run.py, ``_run_trials``); measured with the defaults on 2 cores:
+the best of 3 starts (engine/run.py, ``AbinitEngine._run_trials``); measured with the defaults on 2 cores:
 median error 7.0 deg for engine seeds 0-5 (6.9-7.2), ~40 s (idle machine). Without exploration
 (``explore_candidates: 0``) the same run ends at ~100 deg; with a single start 2 of those 6 seeds
 ended in a wrong basin (22 and 58 deg).

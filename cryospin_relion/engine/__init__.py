@@ -5,6 +5,8 @@
 - ``schedule``: Fourier box per epoch, batch order, every random seed (pure functions).
 - ``history``: the typed per-epoch records and their ``history.json`` layout.
 - ``particles``: the images, pixel sizes and CTFs as the engine reads them.
+- ``models``: the encoder, the volume and their optimisers; ``checkpoint``: the checkpoint layout;
+  ``progress``: the sink the engine reports its progress to.
 - ``forward``: the forward model (``Batch``, ``prepare_batch``, ``render``, ``per_image_loss``).
 - ``stage1``: winner-takes-all over the heads, the pose search, one stage-1 step.
 - ``stage2``: one stage-2 step (per-particle poses, then the volume).

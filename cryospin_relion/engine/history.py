@@ -138,3 +138,18 @@ class History:
     def from_state(cls, d: dict) -> "History":
         return cls(epochs=[EpochRecord(**e) for e in d["epochs"]], switch_epoch=d["switch_epoch"],
                    trials=None if d["trials"] is None else TrialsRecord(**d["trials"]), assign_s=d["assign_s"])
+
+
+def epoch_line(rec: EpochRecord, seconds: float, explore: bool) -> str:
+    """The log line of a finished epoch (``seconds``: its training time before the first-pose pass)."""
+    msg = (f"epoch {rec.epoch} stage {rec.stage} box {rec.crop} loss {rec.loss:.5g} "
+           f"time {seconds:.1f}s ({rec.images_per_s:.0f} img/s)")
+    if rec.pose_change_deg is not None:
+        msg += f" pose change {rec.pose_change_deg:.2f} deg"
+    if rec.head_win_share is not None:
+        msg += " heads " + "/".join(f"{100 * s:.0f}" for s in rec.head_win_share) + "%"
+        if explore:
+            msg += " winners " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in rec.winner_source_share.items())
+    if rec.switched:
+        msg += f" -> switch to auto-decoding after {rec.epoch} epochs"
+    return msg

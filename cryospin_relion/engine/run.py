@@ -41,17 +41,19 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from cryospin_relion.config import AbinitConfig
+from cryospin_relion.engine.checkpoint import engine_state, restore_engine
 from cryospin_relion.engine.forward import Batch
-from cryospin_relion.engine.history import WINNER_SOURCES, EpochRecord, EpochTally, History, TrialsRecord
+from cryospin_relion.engine.history import WINNER_SOURCES, EpochRecord, EpochTally, History, TrialsRecord, epoch_line
+from cryospin_relion.engine.models import Models
 from cryospin_relion.engine.particles import ParticleImages
+from cryospin_relion.engine.progress import NoProgress, Progress
 from cryospin_relion.engine.schedule import (FIRST_POSE_BATCH0, Seeds, crop_for_epoch, epoch_batches, should_switch,
                                              stage1_cap, stage1_lr_decoder, trial_epochs)
 from cryospin_relion.engine.stage1 import SearchResult, multihead_losses, search_poses, stage1_step
@@ -64,71 +66,6 @@ from cryospin_relion.model.pose_table import PoseTable
 from cryospin_relion.model.volume import HartleyVolume
 
 log = logging.getLogger("cryospin.abinit")
-
-CHECKPOINT_VERSION = 2
-
-
-class Progress(Protocol):
-    """Where the engine reports the progress of a pass over batches (the lifecycle draws it)."""
-
-    def start(self, desc: str, total: int, done: int) -> None: ...
-
-    def update(self, loss: float | None, images_per_s: float | None) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class NoProgress:
-    def start(self, desc: str, total: int, done: int) -> None:
-        pass
-
-    def update(self, loss: float | None, images_per_s: float | None) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-@dataclass
-class Models:
-    """The encoder, the volume and their optimisers (stage 1 and stage 2 each have a volume optimiser)."""
-
-    encoder: PoseEncoder
-    volume: HartleyVolume
-    opt_encoder: torch.optim.Optimizer
-    opt_volume1: torch.optim.Optimizer
-    opt_volume2: torch.optim.Optimizer
-
-    @classmethod
-    def build(cls, cfg: AbinitConfig, box: int, encoder_box: int, max_shift: float, radial: Tensor, seed: int,
-              device: torch.device) -> "Models":
-        """Fresh models, initialised from ``seed`` without touching the global random state."""
-        m, o = cfg.model, cfg.optim
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            encoder = PoseEncoder(encoder_box, m.heads, max_shift, m.preset, m.octaves).to(device)
-            volume = HartleyVolume(box, m.volume_param, m.mask_radius, radial).to(device)
-        return cls(encoder, volume, torch.optim.Adam(encoder.parameters(), lr=o.lr_encoder),
-                   torch.optim.Adam(volume.parameters(), lr=o.lr_decoder),
-                   torch.optim.Adam(volume.parameters(), lr=o.lr_decoder_stage2))
-
-    def state_dict(self) -> dict:
-        return {"encoder": {k: v.cpu() for k, v in self.encoder.state_dict().items()},
-                "volume": {k: v.cpu() for k, v in self.volume.state_dict().items()},
-                **{k: _optimizer_to_cpu(getattr(self, k).state_dict()) for k in ("opt_encoder", "opt_volume1",
-                                                                                 "opt_volume2")}}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.encoder.load_state_dict(d["encoder"])
-        self.volume.load_state_dict(d["volume"])
-        for k in ("opt_encoder", "opt_volume1", "opt_volume2"):
-            getattr(self, k).load_state_dict(d[k])
-
-
-def _optimizer_to_cpu(sd: dict) -> dict:
-    return {"state": {k: {kk: (vv.cpu() if isinstance(vv, Tensor) else vv) for kk, vv in v.items()}
-                      for k, v in sd["state"].items()},
-            "param_groups": sd["param_groups"]}
 
 
 class AbinitEngine:
@@ -430,7 +367,7 @@ class AbinitEngine:
                 rec.switched = True
             self.prev_R = self.memory.rotations.clone()
         h.epochs.append(rec)
-        log.info(_epoch_message(rec, a.time_s, cfg.search.enabled))
+        log.info(epoch_line(rec, a.time_s, cfg.search.enabled))
         self.epoch += 1
         self.batch_pos = 0
         self.tally = EpochTally(cfg.model.heads)
@@ -452,51 +389,9 @@ class AbinitEngine:
         """The learned volume in real space, (n, n, n) float32 on the CPU (hand not flipped)."""
         return self.volume.real_map().cpu()
 
-    # -- checkpoint ------------------------------------------------------------------------
+    # -- checkpoint (engine/checkpoint.py) ----------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
-            "version": CHECKPOINT_VERSION,
-            "config": self.cfg.to_dict(),
-            "n_particles": self.N,
-            "box": self.box,
-            "epoch": self.epoch,
-            "stage": self.stage,
-            "batch_pos": self.batch_pos,
-            "done": self.done,
-            "trial": self.trial,
-            "tally": self.tally.state_dict(),
-            "history": self.history.state_dict(),
-            "models": self.models.state_dict(),
-            "pose_table": self.table.state_dict(),
-            "memory": self.memory.state_dict(),
-            "prev_R": None if self.prev_R is None else self.prev_R.cpu(),
-        }
+        return engine_state(self)
 
     def load_state_dict(self, d: dict) -> None:
-        if d.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"unsupported checkpoint version {d.get('version')}")
-        if d["n_particles"] != self.N or d["box"] != self.box:
-            raise ValueError(f"checkpoint is for {d['n_particles']} particles at box {d['box']}, "
-                             f"not {self.N} at box {self.box}")
-        self.models.load_state_dict(d["models"])
-        self.table.load_state_dict(d["pose_table"])
-        self.memory.load_state_dict(d["memory"])
-        self.prev_R = None if d["prev_R"] is None else d["prev_R"].to(self.device)
-        self.epoch, self.stage, self.batch_pos, self.done = d["epoch"], d["stage"], d["batch_pos"], d["done"]
-        self.trial = int(d["trial"])
-        self.tally = EpochTally.from_state(d["tally"])
-        self.history = History.from_state(d["history"])
-
-
-def _epoch_message(rec: EpochRecord, seconds: float, explore: bool) -> str:
-    msg = (f"epoch {rec.epoch} stage {rec.stage} box {rec.crop} loss {rec.loss:.5g} "
-           f"time {seconds:.1f}s ({rec.images_per_s:.0f} img/s)")
-    if rec.pose_change_deg is not None:
-        msg += f" pose change {rec.pose_change_deg:.2f} deg"
-    if rec.head_win_share is not None:
-        msg += " heads " + "/".join(f"{100 * s:.0f}" for s in rec.head_win_share) + "%"
-        if explore:
-            msg += " winners " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in rec.winner_source_share.items())
-    if rec.switched:
-        msg += f" -> switch to auto-decoding after {rec.epoch} epochs"
-    return msg
+        restore_engine(self, d)

@@ -145,14 +145,13 @@ def ctf_from_freqs(fx: Tensor, fy: Tensor, ctf: CTF) -> Tensor:
     return ctf_at(*angle_terms(fx, fy), ctf)
 
 
-def ctf_2d(box: int, apix: Tensor, params: CTF | Mapping[str, Tensor], dtype=torch.float32) -> Tensor:
+def ctf_2d(box: int, apix: Tensor, params: CTF, dtype=torch.float32) -> Tensor:
     """CTF on the centred full 2D grid of a box (the layout of fft2_centered).
 
     Args:
         box: image side in pixels.
         apix: (B,) pixel size in A of each image.
-        params: (B,) parameters, cast to ``dtype`` on apix's device. A mapping of the
-            field names to (B,) tensors is accepted too while callers move to ``CTF``.
+        params: (B,) parameters, cast to ``dtype`` on apix's device.
         dtype: the dtype of the computation and of the result.
     Returns:
         (B, box, box)
@@ -161,4 +160,4 @@ def ctf_2d(box: int, apix: Tensor, params: CTF | Mapping[str, Tensor], dtype=tor
     fy, fx = freq_grid_2d(box, device=device, dtype=dtype)  # cycles per pixel
     r2, cos2t, sin2t = angle_terms(fx, fy)
     inv2 = (1.0 / apix.to(dtype) ** 2)[:, None, None]  # (cycles per pixel)^2 -> 1/A^2
-    return ctf_at(r2[None] * inv2, cos2t[None], sin2t[None], CTF.from_arrays(params, dtype).to(device))
+    return ctf_at(r2[None] * inv2, cos2t[None], sin2t[None], params.to(device, dtype))

@@ -34,7 +34,8 @@ def sample_trilinear(volume: Tensor, points_vox: Tensor, threads: int | None = N
     C, D = volume.shape[0], volume.shape[-1]
     shape = points_vox.shape[:-1]
     # align_corners=True: normalised -1 and +1 are the centres of voxels 0 and D - 1
-    g = ((points_vox.reshape(-1, 3) + D // 2) * (2.0 / (D - 1)) - 1.0).to(volume.dtype)
+    # in place after the first op: one (P, 3) temporary, not three (points can be ~10^8 bytes in the search)
+    g = (points_vox.reshape(-1, 3) + D // 2).mul_(2.0 / (D - 1)).sub_(1.0).to(volume.dtype)
     P = g.shape[0]
     if threads is None:
         threads = torch.get_num_threads() if volume.device.type == "cpu" else 1

@@ -1,0 +1,58 @@
+"""The engine's checkpoint: its layout, its version, and the check that it fits the engine.
+
+A checkpoint is a dict of tensors (on the CPU), dicts, lists and primitives only, so
+``torch.load(weights_only=True)`` reads it:
+
+- ``version`` (CHECKPOINT_VERSION), ``config`` (the flat config), ``n_particles``, ``box``;
+- the schedule position: ``epoch``, ``stage``, ``batch_pos``, ``done``, ``trial`` (stage-1 start);
+- ``tally`` (the running epoch's sums), ``history`` (engine/history.py);
+- ``models`` (encoder, volume, optimisers), ``pose_table``, ``memory``, ``prev_R``.
+
+No global random state is saved: every random number of a run comes from a seeded
+generator (engine/schedule.py ``Seeds``), so a resumed run is identical to an
+uninterrupted one on the CPU.
+"""
+
+from __future__ import annotations
+
+from cryospin_relion.engine.history import EpochTally, History
+
+CHECKPOINT_VERSION = 2
+
+
+def engine_state(eng) -> dict:
+    """The checkpoint of an ``AbinitEngine``."""
+    return {
+        "version": CHECKPOINT_VERSION,
+        "config": eng.cfg.to_dict(),
+        "n_particles": eng.N,
+        "box": eng.box,
+        "epoch": eng.epoch,
+        "stage": eng.stage,
+        "batch_pos": eng.batch_pos,
+        "done": eng.done,
+        "trial": eng.trial,
+        "tally": eng.tally.state_dict(),
+        "history": eng.history.state_dict(),
+        "models": eng.models.state_dict(),
+        "pose_table": eng.table.state_dict(),
+        "memory": eng.memory.state_dict(),
+        "prev_R": None if eng.prev_R is None else eng.prev_R.cpu(),
+    }
+
+
+def restore_engine(eng, d: dict) -> None:
+    """Put checkpoint ``d`` into ``eng``; ValueError when it is of another version or another dataset."""
+    if d.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"unsupported checkpoint version {d.get('version')}")
+    if d["n_particles"] != eng.N or d["box"] != eng.box:
+        raise ValueError(f"checkpoint is for {d['n_particles']} particles at box {d['box']}, "
+                         f"not {eng.N} at box {eng.box}")
+    eng.models.load_state_dict(d["models"])
+    eng.table.load_state_dict(d["pose_table"])
+    eng.memory.load_state_dict(d["memory"])
+    eng.prev_R = None if d["prev_R"] is None else d["prev_R"].to(eng.device)
+    eng.epoch, eng.stage, eng.batch_pos, eng.done = d["epoch"], d["stage"], d["batch_pos"], d["done"]
+    eng.trial = int(d["trial"])
+    eng.tally = EpochTally.from_state(d["tally"])
+    eng.history = History.from_state(d["history"])
