@@ -38,6 +38,7 @@ Loss = Literal["l1", "l2"]
 VolumeParam = Literal["linear", "expmant"]
 Device = Literal["auto", "cpu", "cuda"]
 
+COMMAND_LINE = "command line"  # the source of flags: messages name the flag, not the option
 GROUP_MAIN, GROUP_SCHEDULE, GROUP_SEARCH = None, "schedule", "stage-1 pose search (beyond the reference; docs/method.md)"
 
 
@@ -69,6 +70,8 @@ class DataConfig:
     max_box: int = opt(64, "cap for the automatic working box")
     invert: bool = opt(False, "invert the image contrast (protein black -> white)", flag=True)
     no_ctf: bool = opt(False, "ignore the CTF", flag=True)
+    ctf_phase_flipped: bool = opt(False, "the images' CTF phases are already flipped: model |CTF| (as RELION's "
+                                  "--ctf_phase_flipped)", flag=True)
 
     def working_box(self, input_box: int) -> int:
         """The working box for images of side ``input_box`` (even, <= input box)."""
@@ -251,9 +254,10 @@ class AbinitConfig:
         """From a flat mapping (missing options take their defaults); types checked exactly, then validated."""
         return cls().override(source=source, **{k: _Set(v) for k, v in d.items()})
 
-    def override(self, source: str = "command line", **kw: Any) -> "AbinitConfig":
+    def override(self, source: str = COMMAND_LINE, **kw: Any) -> "AbinitConfig":
         """A validated copy with the given flat options replaced (``None`` values are ignored; wrap a value
-        in ``_Set`` to set it even when it is None)."""
+        in ``_Set`` to set it even when it is None). Messages name ``source`` and the option, or for the
+        command line the flag the user typed (``--j``, not ``threads``)."""
         unknown = sorted(set(kw) - set(_OPTIONS))
         if unknown:
             raise InputError(f"{source}: unknown option(s): {', '.join(unknown)}")
@@ -264,21 +268,23 @@ class AbinitConfig:
             elif v is None:
                 continue
             o = _OPTIONS[k]
-            per.setdefault(o.section, {})[k] = check_type(v, o.type, f"{source}: {k}")
+            per.setdefault(o.section, {})[k] = check_type(v, o.type, _where(source, o))
         new = dataclasses.replace(self, **{s: dataclasses.replace(getattr(self, s), **f) for s, f in per.items()})
-        return new.validate(source)
+        return new.validate(source, {k: _where(source, _OPTIONS[k]) for f in per.values() for k in f})
 
     def with_box(self, box: int) -> "AbinitConfig":
         """The same config with the effective working box recorded (what config.yaml keeps)."""
         return self.override(source="working box", box=box)
 
     # -- checks -------------------------------------------------------------------------------
-    def validate(self, source: str = "config") -> "AbinitConfig":
-        """Checks of values beyond their types; raises InputError naming ``source`` and the option."""
+    def validate(self, source: str = "config", where: dict[str, str] | None = None) -> "AbinitConfig":
+        """Checks of values beyond their types; raises InputError naming ``source`` and the option (or
+        ``where[option]``, e.g. the flag that set it)."""
         d = self.to_dict()
+        where = where or {}
 
         def bad(name, msg):
-            raise InputError(f"{source}: {name}: {d[name]} {msg}")
+            raise InputError(f"{where.get(name, f'{source}: {name}')}: {_show(d[name])} {msg}")
 
         if d["box"] is not None and (d["box"] < 8 or d["box"] % 2):
             bad("box", "must be an even number >= 8")
@@ -333,6 +339,21 @@ class AbinitConfig:
         return text
 
 
+def _where(source: str, o: Option) -> str:
+    """How a message names option ``o`` set from ``source``: the flag for the command line."""
+    flag = o.flag or o.meta["off_flag"]
+    return f"--{flag}" if source == COMMAND_LINE and flag else f"{source}: {o.name}"
+
+
+def _show(v: Any) -> str:
+    """A value as the user wrote it (no Python reprs in messages)."""
+    if isinstance(v, list):
+        return "[" + ", ".join(_show(x) for x in v) + "]"
+    if isinstance(v, bool) or v is None:
+        return {True: "true", False: "false", None: "null"}[v]
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 @dataclass(frozen=True)
 class _Set:
     """A value to set even when it is None (``override`` skips plain Nones: absent flags)."""
@@ -348,7 +369,8 @@ def check_type(v: Any, tp: Any, where: str) -> Any:
     """``v`` if it has exactly the type ``tp`` (int accepted for float, as a float), else InputError."""
 
     def fail(what: str):
-        raise InputError(f"{where}: {v!r} is not {what}")
+        raise InputError(f"{where}: {_show(v) if isinstance(v, (int, float, list, type(None))) else repr(v)} "
+                         f"is not {what}")
 
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):

@@ -8,6 +8,7 @@ where it applies, and the field.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,30 @@ from cryospin_relion.io.paths import stack_problems
 
 # relative spread of pixel sizes that one volume can absorb (rounding in STAR files)
 APIX_TOLERANCE = 1e-3
+
+
+class Problems(list[str]):
+    """The problems of a run's inputs, one line each (any one refuses the run), and its
+    ``warnings``: one line each about inputs that are usable but probably not meant
+    (the run goes on; commands print or log them as ``warning: ...``)."""
+
+    def __init__(self, problems: Iterable[str] = (), warnings: Iterable[str] = ()):
+        super().__init__(problems)
+        self.warnings: list[str] = list(warnings)
+
+
+def table_warnings(table: ParticleTable) -> list[str]:
+    """Warnings (one line each) about a readable particle table: all defoci negative
+    (RELION's underfocus is positive: usually a sign mix-up in a converted file)."""
+    out: list[str] = []
+    c = table.ctf
+    if c is not None and len(table):
+        df = np.concatenate([np.asarray(c.defocus_u, dtype=np.float64), np.asarray(c.defocus_v, dtype=np.float64)])
+        if (df < 0).all():
+            field = "ctf/df1_A" if table.source_format == "cs" else "rlnDefocusU"
+            out.append(f"{table.source_file}: {field}: all defoci are negative ({df.min():.0f} to {df.max():.0f} A); "
+                       f"underfocus is positive in RELION and cryoSPARC: a sign mix-up in a converted file?")
+    return out
 
 
 def _image_field(table: ParticleTable) -> str:
@@ -44,19 +69,33 @@ def _sample_rows(found: np.ndarray, sample: int) -> np.ndarray:
 
 
 def image_problems(table: ParticleTable, rows: np.ndarray) -> list[str]:
-    """NaN/inf (and unreadable) images among ``rows``, one message per bad image."""
+    """NaN/inf images among ``rows``, one message per bad image, and one per unreadable stack
+    (a truncated or damaged stack is one problem, not one per particle in it)."""
     from cryospin_relion.data.stack import ImageSource
+    from cryospin_relion.io.mrc import open_stack
 
     problems: list[str] = []
     if len(rows) == 0:
         return problems
-    src = ImageSource(table.subset_rows(rows))  # a table of found stacks only
-    rows = np.arange(len(rows))
-    for r in rows:
+    sub = table.subset_rows(rows)  # a table of found stacks only
+    paths = np.asarray(sub.stack_paths).astype(str)
+    unreadable = []
+    for p in pd.unique(paths):
+        try:
+            open_stack(p)
+        except InputError as e:
+            problems.append(str(e))
+            unreadable.append(p)
+    good = np.flatnonzero(~np.isin(paths, unreadable))
+    if len(good) == 0:
+        return problems
+    src = ImageSource(sub.subset_rows(good))
+    for r in range(len(good)):
         try:
             src.images(np.array([r]))
         except InputError as e:
-            problems.append(str(e))
+            if str(e) not in problems:
+                problems.append(str(e))
     return problems
 
 

@@ -142,11 +142,18 @@ def build_command(argv: Sequence[str], known: dict[str, bool], base: Sequence[st
         raise JobFailed("no input particles: set 'Input particles' on the Input tab (--in_parts)", code=2)
     if not Path(parts).is_file():
         raise JobFailed(f"--in_parts: '{parts}' not found (from project folder {os.getcwd()})", code=2)
+    from cryospin_relion.io.overwrite import overwrite_problems
+
+    own = [OUTPUT_NODES, EXIT_SUCCESS, EXIT_FAILURE, EXIT_ABORTED, "summary.json"]  # abinit checks its own files
+    clash = overwrite_problems({"--o": [Path(args.outdir) / f for f in own]}, {"--in_parts": [parts]})
+    if clash:
+        raise JobFailed("\n".join(clash), code=2)
     params = dict(args.params)
     resume = params.get("continue")
     options = params_to_options(params, known)
     outdir = args.outdir
-    if resume is None and "continue" in known and (Path(outdir) / "checkpoint.pt").is_file():
+    if resume is None and "continue" in known and any((Path(outdir) / n).is_file()
+                                                      for n in ("checkpoint.pt", "checkpoint.prev.pt")):
         _say(f"note: {outdir}checkpoint.pt found: resuming from it (set the parameter continue = no to start over)")
         options.append("--continue")
     if "json-summary" in known and "json-summary" not in {o[2:] for o in options if o.startswith("--")}:

@@ -95,6 +95,7 @@ def main(args: argparse.Namespace) -> int:
 
     out = Path(args.o)
     return run_abinit(AbinitRequest(
-        input=Path(args.i), output=out, config=effective_config(args, out), resume=args.cont, datadir=args.datadir,
+        input=Path(args.i), output=out, config=effective_config(args, out),
+        config_file=Path(args.config) if args.config else None, resume=args.cont, datadir=args.datadir,
         angpix=args.angpix, dry_run=args.dry_run, quiet=args.quiet,
         json_summary=Path(args.json_summary) if args.json_summary else None, true_poses=args.true_poses))

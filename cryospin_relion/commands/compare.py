@@ -108,6 +108,12 @@ def main(args) -> int:
         raise InputError(f"--rotations: need at least 100 (got {args.rotations})")
     if args.apix is not None and not args.apix > 0:
         raise InputError(f"--apix: must be > 0 (got {args.apix})")
+    from cryospin_relion.io.overwrite import refuse_overwriting
+
+    refuse_overwriting({"--o-aligned": [args.o_aligned] if args.o_aligned else [],
+                        "--json": [args.json] if args.json else []},
+                       {"--map": [args.map], "--ref": [args.ref], "--poses": [args.poses] if args.poses else [],
+                        "--true-poses": [args.true_poses] if args.true_poses else []})
     mov, vm = _read_map(args.map)
     ref, vr = _read_map(args.ref)
     if mov.shape != ref.shape and args.resample:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cryospin_relion.io.overwrite import refuse_overwriting
 from cryospin_relion.io.read import particle_format, read_particles, write_particles
 
 
@@ -35,6 +36,8 @@ def main(args: argparse.Namespace) -> int:
     particle_format(args.o)  # refuse an unknown output type before reading anything
     table = read_particles(args.i, datadir=args.datadir, angpix=args.angpix, no_ctf=args.no_ctf,
                            check_stacks=args.check_stacks)
+    refuse_overwriting({"--o": [args.o]},
+                       {"--i": [args.i], "--i (image stack)": sorted(set(map(str, table.stack_paths)))})
     if not table.box:
         print(f"cryospin convert: warning: image size unknown (no rlnImageSize and no stack found); "
               f"pass --datadir to read it from the stacks", file=sys.stderr)

@@ -46,6 +46,10 @@ def main(args) -> int:
             table = read_particles(args.poses, check_stacks=False, no_ctf=True)
         if table.rotations is None:
             raise InputError(f"{args.poses}: rlnAngleRot: no poses to flip")
+    from cryospin_relion.io.overwrite import refuse_overwriting
+
+    refuse_overwriting({"--o": [args.o], "--o-poses": [args.o_poses] if args.o_poses else []},
+                       {"--i": [args.i], "--poses": [args.poses] if args.poses else []})
     write_mrc(args.o, flip_volume_hand(vol), voxel)
     if table is not None:
         from cryospin_relion.io.read import write_particles

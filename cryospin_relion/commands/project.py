@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryospin_relion.device import resolve_device
+from cryospin_relion.device import DEVICE_CHOICES, resolve_device
 from cryospin_relion.errors import InputError
 from cryospin_relion.geometry.ctf import CTF, ctf_2d
 from cryospin_relion.geometry.projection import project_spectrum
@@ -33,6 +33,7 @@ from cryospin_relion.geometry.slicing import volume_to_projector
 from cryospin_relion.io.atomic import ensure_writable_dir
 from cryospin_relion.io.mrc import read_mrc, write_stack
 from cryospin_relion.io.particles import ParticleTable
+from cryospin_relion.io.overwrite import refuse_overwriting
 from cryospin_relion.io.read import read_particles, write_particles
 
 
@@ -45,7 +46,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="add white Gaussian noise at this signal-to-noise ratio (variance ratio)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     parser.add_argument("--angpix", type=float, default=None, help="pixel size in A, used only when the input has none")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--device", default="cpu", choices=DEVICE_CHOICES,
+                        help="compute device: auto (CUDA when present), cpu or cuda (default cpu)")
     parser.add_argument("--batch", type=int, default=256, help="images per batch (default 256)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -103,6 +105,7 @@ def main(args: argparse.Namespace) -> int:
     table = read_particles(args.i, angpix=args.angpix, no_ctf=not args.ctf, check_stacks=False)
     if not table.has_poses:
         raise InputError(f"{args.i}: rlnAngleRot: no poses in this file (project needs angles)")
+    refuse_overwriting({"--o": [out, star_out]}, {"--map": [args.map], "--i": [args.i]})
     n = vol.shape[-1]
     if table.box and table.box != n:
         raise InputError(f"{args.map}: box {n} differs from the image size {table.box} of {args.i} "

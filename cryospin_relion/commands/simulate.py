@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 from cryospin_relion.errors import InputError
 
@@ -80,6 +81,12 @@ def main(args) -> int:
     from cryospin_relion.evaluate.simulate import SimulationConfig, load_map, model_to_map, write_dataset
 
     check_args(args)
+    from cryospin_relion.io.overwrite import refuse_overwriting
+
+    out = Path(args.o)
+    refuse_overwriting({"--o": [out / n for n in ("particles.star", "particles.mrcs", "ground_truth.mrc")],
+                        "--json": [args.json] if args.json else []},
+                       {"--map" if args.map else "--model": [args.map or args.model]})
     if args.map:
         vol = load_map(args.map, args.box, args.apix, args.map_apix)
     else:

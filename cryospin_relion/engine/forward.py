@@ -7,6 +7,8 @@ CTF c and image y (real, (n, n)), the model compares, inside a radial mask,
     target(k) = HT2(y)(k) / n
 
 on the central crop x crop frequencies (coarse-to-fine; crop = n at full size).
+Here c(k) is the factor the images carry (``geometry.ctf.projection_factor``):
+the CTF, its square for CTF-premultiplied images, its modulus for phase-flipped ones.
 The Hartley shift is ``geometry.shifts.hartley_shift`` with the translation
 rescaled to the crop's pixel units (t * crop / n), which gives exactly the phase
 exp(-2 pi i k.t / n) of the full box.
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cryospin_relion.geometry.ctf import CTF, ctf_2d
+from cryospin_relion.geometry.ctf import CTF, ctf_2d, projection_factor
 from cryospin_relion.geometry.fourier import crop_centered_2d, ht2_centered, radius_grid_2d
 from cryospin_relion.geometry.shifts import hartley_shift
 
@@ -50,8 +52,10 @@ def crop_mask(box: int, crop: int, mask_radius: float = 1.0, device=None) -> Ten
 
 
 def ctf_cropped(box: int, crop: int, apix: Tensor, ctf: CTF) -> Tensor:
-    """CTF (B, crop, crop) at the central crop frequencies of a box-``box`` image of pixel size apix."""
-    return ctf_2d(crop, apix * (box / crop), ctf)
+    """The CTF factor (B, crop, crop) of the projection in the images (``ctf.projection_factor``: c, c^2 for
+    CTF-premultiplied images, |c| for phase-flipped ones) at the central crop frequencies of a box-``box``
+    image of pixel size apix."""
+    return projection_factor(ctf_2d(crop, apix * (box / crop), ctf), ctf)
 
 
 def prepare_batch(idx: Tensor, images: Tensor, apix: Tensor, ctf_params: CTF | None,

@@ -56,7 +56,8 @@ class ParticleImages:
 
     def radial_scale(self, max_images: int = 512) -> Tensor:
         """Preconditioner per shell over up to ``max_images`` evenly spaced images: the RMS of the images'
-        Hartley coefficients divided by the RMS of their CTF (clamped at 0.1), i.e. the typical
+        Hartley coefficients divided by the RMS of their CTF factor (``forward.ctf_cropped``: c, c^2 for
+        premultiplied images, |c| phase-flipped; clamped at 0.1), i.e. the typical
         magnitude of the volume's coefficients (low frequencies, damped by the CTF, are large)."""
         k = min(self.N, max_images)
         idx = torch.from_numpy(np.unique(np.linspace(0, self.N - 1, k).round().astype(np.int64)))

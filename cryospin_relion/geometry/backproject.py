@@ -3,7 +3,9 @@
 Each image's rfft2 samples (the kx >= 0 half plane inside |k| <= n/2) are placed,
 as RELION's BackProjector does, at pad * (A^T k) on a (D, D, D) centred grid,
 D = pad * n, and splatted trilinearly as numerator sum CTF * X and weight sum
-CTF^2. The missing half space follows from Friedel symmetry. The volume
+CTF^2 (an image that already carries CTF^2 * projection, RELION's
+CTF-premultiplied data, is added as it is; a phase-flipped one times |CTF|:
+``ctf.backprojection_factor``). The missing half space follows from Friedel symmetry. The volume
 (``volume_from_accumulator``) is IFFT(num / (weight + tau)), cropped to n and
 divided by the sinc^2 response of trilinear splatting (gridding correction).
 
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cryospin_relion.geometry.ctf import CTF, angle_terms, ctf_at
+from cryospin_relion.geometry.ctf import CTF, angle_terms, backprojection_factor, ctf_at
 from cryospin_relion.geometry.slicing import sinc2_window_3d
 
 # default of insert_images(pad_images=...): False = RELION's way (see the module docstring)
@@ -208,7 +210,8 @@ def _insert_chunk(
     if ctf is not None:
         c = _ctf_points(plane, apix, ctf)
         cw = c * plane.half
-        re, im, wt = ft.real * cw, ft.imag * cw, c * cw
+        bw = backprojection_factor(c, ctf) * plane.half  # c plain, 1 premultiplied, |c| phase-flipped
+        re, im, wt = ft.real * bw, ft.imag * bw, c * cw
     else:
         re, im = ft.real * plane.half, ft.imag * plane.half
         wt = plane.half.expand_as(re)
@@ -373,7 +376,7 @@ def insert_images(
     if translations_px is not None:
         translations_px = translations_px.to(device)
     if ctf is not None:
-        ctf = CTF(**{k: torch.as_tensor(v, device=device).reshape(-1).expand(B) for k, v in ctf.items()})
+        ctf = ctf.map(lambda v: torch.as_tensor(v, device=device).reshape(-1).expand(B))
     if threads is None:
         threads = torch.get_num_threads() if device.type == "cpu" else 1
     threads = max(1, int(threads)) if device.type == "cpu" else 1

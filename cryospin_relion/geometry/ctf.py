@@ -17,6 +17,19 @@ frequency terms can be computed once per grid and no atan2 is needed (the
 backprojection evaluates it at ~10^4 points per image). Entry points: the
 centred 2D grid (``ctf_2d``), arbitrary frequencies (``ctf_from_freqs``).
 Per-image parameters travel as the typed record ``CTF``.
+
+What the images carry. The record also holds each image's state: plain (the
+image is c * projection), CTF-premultiplied (RELION's
+``rlnCtfDataAreCtfPremultiplied 1``: the image was multiplied by c once more,
+so it is c^2 * projection) or phase-flipped (the sign of c already removed, as
+RELION's ``--ctf_phase_flipped`` assumes: |c| * projection). ``projection_factor``
+is the one place that turns the CTF values c into the factor m of the
+projection in the image (c, c^2 or |c|); ``backprojection_factor`` gives the
+factor c^2 / m that the image is multiplied by when it is backprojected (c, 1
+or |c|), so that every state adds c^2 * projection to the numerator against
+the weight c^2. As in RELION (``Fctf = |c|`` with ``--ctf_phase_flipped``, then
+``Fctf *= Fctf`` for premultiplied data), a premultiplied image is c^2 *
+projection whether or not the run says phase-flipped.
 """
 
 from __future__ import annotations
@@ -52,6 +65,8 @@ class CTF:
     phase_shift: Tensor | None = None  # degrees
     bfactor: Tensor | None = None  # A^2
     scale: Tensor | None = None
+    premultiplied: Tensor | None = None  # (N,) bool: image already multiplied by its CTF; None = none is
+    phase_flipped: bool = False  # the images' CTF sign was removed (the run's --ctf-phase-flipped)
 
     @classmethod
     def from_arrays(cls, params: Mapping[str, object] | CTF, dtype=torch.float32) -> CTF:
@@ -61,22 +76,58 @@ class CTF:
             return params.to(dtype=dtype)
         if hasattr(params, "as_dict"):
             params = params.as_dict()
+        pre = params.get("premultiplied")
+        if pre is not None:
+            pre = torch.as_tensor(np.asarray(pre) if not isinstance(pre, Tensor) else pre).to(torch.bool)
+            pre = pre if bool(pre.any()) else None  # none premultiplied: the plain path
         return cls(**{k: torch.as_tensor(np.asarray(params[k]) if not isinstance(params[k], Tensor) else params[k],
                                          dtype=dtype)
-                      for k in CTF_FIELDS if params.get(k) is not None})
+                      for k in CTF_FIELDS if params.get(k) is not None},
+                   premultiplied=pre, phase_flipped=bool(params.get("phase_flipped", False)))
 
     def items(self):
-        """(name, tensor) of the fields that are set."""
+        """(name, tensor) of the numeric fields that are set (not the images' state)."""
         return [(k, getattr(self, k)) for k in CTF_FIELDS if getattr(self, k) is not None]
 
+    def map(self, fn) -> "CTF":
+        """The record with ``fn`` applied to every per-image tensor (numeric fields and ``premultiplied``)."""
+        return CTF(**{k: fn(v) for k, v in self.items()},
+                   premultiplied=None if self.premultiplied is None else fn(self.premultiplied),
+                   phase_flipped=self.phase_flipped)
+
     def __getitem__(self, idx) -> "CTF":
-        return CTF(**{k: v[idx] for k, v in self.items()})
+        return self.map(lambda v: v[idx])
 
     def to(self, device=None, dtype=None) -> "CTF":
-        return CTF(**{k: v.to(device=device, dtype=dtype) for k, v in self.items()})
+        return self.map(lambda v: v.to(device=device) if v.dtype == torch.bool else v.to(device=device, dtype=dtype))
 
     def __len__(self) -> int:
         return int(self.defocus_u.shape[0])
+
+
+def projection_factor(c: Tensor, ctf: CTF) -> Tensor:
+    """The factor m that multiplies the projection in each image, from its CTF values c (module docstring).
+
+    Args:
+        c: (B, ...) CTF values of B images (``ctf_2d``, ``ctf_at``).
+        ctf: the (B,) record of those images; its ``premultiplied`` and ``phase_flipped`` say what they carry.
+    Returns:
+        (B, ...): c (plain), |c| (phase-flipped), c^2 (premultiplied, phase-flipped or not).
+    """
+    m = c.abs() if ctf.phase_flipped else c
+    return m if ctf.premultiplied is None else torch.where(_per_image(ctf.premultiplied, c), c * c, m)
+
+
+def backprojection_factor(c: Tensor, ctf: CTF) -> Tensor:
+    """c^2 / m, m = ``projection_factor``: what each image is multiplied by before it is backprojected
+    against the weight c^2 (c plain, |c| phase-flipped, 1 premultiplied); (B, ...) like c."""
+    m = c.abs() if ctf.phase_flipped else c
+    return m if ctf.premultiplied is None else torch.where(_per_image(ctf.premultiplied, c), torch.ones_like(c), m)
+
+
+def _per_image(flags: Tensor, like: Tensor) -> Tensor:
+    """(B,) bool -> (B, 1, ...) on ``like``'s device, to broadcast against (B, ...) values."""
+    return flags.to(like.device).reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def electron_wavelength(voltage_kv: Tensor) -> Tensor:

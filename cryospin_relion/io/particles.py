@@ -6,7 +6,9 @@ about Euler angles, rotation vectors or pixel origins:
 - rotations: RELION's matrix A (volume coordinates -> image coordinates), (N, 3, 3)
 - shifts_A: RELION's origin (rlnOriginXAngst, rlnOriginYAngst) in Angstrom, (N, 2);
   the particle image is the centred projection shifted by *minus* this origin.
-- ctf: RELION's CTF parameters per particle (defocus in A, angle in degrees).
+- ctf: RELION's CTF parameters per particle (defocus in A, angle in degrees), and
+  what the images carry: ``premultiplied`` (rlnCtfDataAreCtfPremultiplied, per
+  particle) and ``phase_flipped`` (a run option); see ``geometry/ctf.py``.
 - images: stack path (resolved) + 0-based index per particle.
 
 ``raw`` keeps the source table (pandas DataFrames for STAR, a
@@ -35,12 +37,17 @@ class CTFParams:
     phase_shift: np.ndarray  # degrees
     bfactor: np.ndarray  # A^2 (0 = no envelope)
     scale: np.ndarray  # rlnCtfScalefactor (1 by default)
+    # (N,) bool: rlnCtfDataAreCtfPremultiplied (the image was multiplied by its CTF); None = all False
+    premultiplied: np.ndarray | None = None
+    phase_flipped: bool = False  # the images' CTF sign was removed (a run option, not a file column)
 
     def subset(self, idx: np.ndarray) -> "CTFParams":
-        return CTFParams(**{k: np.asarray(v)[idx] for k, v in self.__dict__.items()})
+        return CTFParams(**{k: (v if v is None or k == "phase_flipped" else np.asarray(v)[idx])
+                            for k, v in self.__dict__.items()})
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        return dict(self.__dict__)
+        """The fields that are set (``premultiplied`` None is left out)."""
+        return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
 @dataclass
@@ -78,6 +85,12 @@ class ParticleTable:
         shifts_A = np.asarray(shifts_A, dtype=np.float64).reshape(n, 2)
         sub = self.subset if subset is None else np.asarray(subset, dtype=np.int64).reshape(n)
         return replace(self, rotations=rotations, shifts_A=shifts_A, subset=sub)
+
+    def with_ctf_phase_flipped(self, flipped: bool = True) -> "ParticleTable":
+        """A copy whose images are (or are not) phase-flipped (``CTFParams.phase_flipped``); as is without CTF."""
+        if self.ctf is None or self.ctf.phase_flipped == bool(flipped):
+            return self
+        return replace(self, ctf=replace(self.ctf, phase_flipped=bool(flipped)))
 
     def subset_rows(self, idx: np.ndarray) -> "ParticleTable":
         """A table of the rows ``idx`` (int indices or boolean mask), in that order.

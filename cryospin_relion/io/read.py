@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def read_particles(
     fmt = particle_format(path)
     if not Path(path).is_file():
         raise InputError(f"{path}: file not found")
+    if angpix is not None and not (math.isfinite(angpix) and angpix > 0):
+        raise InputError(f"{path}: --angpix: {angpix:g} is not a pixel size (a finite number of A > 0)")
     if fmt == "star":
         from cryospin_relion.io.star import read_star
 

@@ -16,6 +16,8 @@ Reading (all vectorised with pandas, one check per unique stack):
   rlnVoltage are required; like RELION, missing rlnSphericalAberration and
   rlnAmplitudeContrast default to 0 (with a warning), rlnDefocusV to rlnDefocusU,
   rlnDefocusAngle/rlnPhaseShift/rlnCtfBfactor to 0, rlnCtfScalefactor to 1.
+  rlnCtfDataAreCtfPremultiplied (optics group in 3.1+, particle column in 3.0;
+  default 0) becomes ``ctf.premultiplied`` per particle.
 
 Writing produces a RELION 3.1 file (``# version 30001``) that RELION 3.1-5 read.
 """
@@ -31,7 +33,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from cryospin_relion.errors import InputError
+from cryospin_relion.errors import InputError, InputErrors
 from cryospin_relion.geometry.rotations import euler_to_matrix_np, matrix_to_euler_np
 from cryospin_relion.io.atomic import atomic_path
 from cryospin_relion.io.paths import first_header_box, locate_stacks
@@ -41,6 +43,8 @@ __all__ = ["read_star", "write_star", "load_star_blocks"]
 
 OPTICS_LABELS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnImagePixelSize",
                  "rlnImageSize", "rlnImageDimensionality")
+# images already multiplied by their CTF: an optics-group column in 3.1+, may be a particle column in 3.0
+PREMULTIPLIED = "rlnCtfDataAreCtfPremultiplied"
 # pre-3.1 optics-like particle columns that a 3.1 file must not carry per particle
 _OLD_OPTICS = ("rlnMagnification", "rlnDetectorPixelSize") + OPTICS_LABELS
 
@@ -82,13 +86,44 @@ def _particle_block(blocks: dict, path: Path) -> tuple[str, pd.DataFrame, pd.Dat
     return key, frames[key], optics
 
 
+def _repeated_labels(path: Path, key: str, parts: pd.DataFrame, optics: pd.DataFrame | None) -> list[str]:
+    """One line per column listed twice in a block, and per optics group listed twice with
+    different values (RELION would silently take one of them); [] when there is none."""
+    problems = []
+    for name, df in ((key, parts), ("optics", optics)):
+        if df is None:
+            continue
+        counts = pd.Series(list(df.columns)).value_counts(sort=False)
+        for label, k in counts[counts > 1].items():
+            times = "twice" if k == 2 else f"{k} times"
+            problems.append(f"{path}: data_{name}: {label}: column listed {times} (keep one)")
+    if optics is not None and "rlnOpticsGroup" in optics.columns:
+        labels = list(optics.columns)
+        cells = optics.astype(str).set_axis(range(len(labels)), axis=1)  # by position: labels may repeat
+        groups = cells[labels.index("rlnOpticsGroup")].str.strip()
+        for g in pd.unique(groups[groups.duplicated()]):
+            rows = cells[(groups == g).to_numpy()]
+            differ = [k for k in rows.columns if rows[k].nunique() > 1]
+            if differ:
+                what = ", ".join(f"{labels[k]}: {' vs '.join(pd.unique(rows[k]))}" for k in differ[:3])
+                times = "twice" if len(rows) == 2 else f"{len(rows)} times"
+                problems.append(f"{path}: data_optics: rlnOpticsGroup: group {g} listed {times} with "
+                                f"different values ({what}); keep one row per group")
+    return problems
+
+
+def _show(v) -> str:
+    """A cell value for a message: strings quoted, numbers as numbers (no numpy reprs)."""
+    return f"'{v}'" if isinstance(v, str) else str(v)
+
+
 def _num(df: pd.DataFrame, col: str, path: Path, dtype=np.float64) -> np.ndarray:
     """Column as numbers; InputError naming the first bad row."""
     v = pd.to_numeric(df[col], errors="coerce")
     bad = ~np.isfinite(v.to_numpy(dtype=np.float64, na_value=np.nan))
     if bad.any():
         r = int(np.flatnonzero(bad)[0])
-        raise InputError(f"{path}: row {r + 1}: {col}: not a number ({df[col].iloc[r]!r})")
+        raise InputError(f"{path}: row {r + 1}: {col}: not a number ({_show(df[col].iloc[r])})")
     return v.to_numpy(dtype=dtype)
 
 
@@ -114,7 +149,10 @@ def read_star(
     if isinstance(general, dict) and int(general.get("rlnTomoSubTomosAre2DStacks", 0) or 0) == 1:
         raise InputError(f"{path}: rlnTomoSubTomosAre2DStacks: tomography particles (2D tilt stacks) "
                          "are not single-particle images")
-    _, parts, optics = _particle_block(blocks, path)
+    key, parts, optics = _particle_block(blocks, path)
+    twice = _repeated_labels(path, key, parts, optics)
+    if twice:
+        raise InputErrors(twice)
     parts = parts.reset_index(drop=True)
     n = len(parts)
     if n == 0:
@@ -208,6 +246,8 @@ def read_star(
             cs=col("rlnSphericalAberration", 0.0), amp_contrast=col("rlnAmplitudeContrast", 0.0),
             phase_shift=col("rlnPhaseShift", 0.0), bfactor=col("rlnCtfBfactor", 0.0),
             scale=col("rlnCtfScalefactor", 1.0),
+            premultiplied=(_num(joined, PREMULTIPLIED, path) != 0 if PREMULTIPLIED in joined.columns
+                           else np.zeros(n, dtype=bool)),
         )
 
     # -- poses --------------------------------------------------------------------------
@@ -274,6 +314,9 @@ def _optics_groups(table: ParticleTable) -> tuple[np.ndarray, pd.DataFrame]:
         key["volt"] = np.round(table.ctf.voltage, 6)
         key["cs"] = np.round(table.ctf.cs, 6)
         key["amp"] = np.round(table.ctf.amp_contrast, 6)
+    pre = _premultiplied(table)
+    if pre is not None:
+        key["pre"] = pre.astype(np.int64)
     first = key.drop_duplicates().reset_index()  # 'index' = first row of each combination
     renumber = first["og"].duplicated(keep=False).any()
     if renumber:
@@ -302,6 +345,8 @@ def _optics_groups(table: ParticleTable) -> tuple[np.ndarray, pd.DataFrame]:
         if table.ctf is not None:
             row.update(rlnVoltage=float(table.ctf.voltage[r]), rlnSphericalAberration=float(table.ctf.cs[r]),
                        rlnAmplitudeContrast=float(table.ctf.amp_contrast[r]))
+        if pre is not None:
+            row[PREMULTIPLIED] = int(pre[r])
         elif raw_parts is not None:  # CTF ignored: still move 3.0 per-particle optics values to data_optics
             for c in ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"):
                 if c in raw_parts.columns:
@@ -318,19 +363,29 @@ def _optics_groups(table: ParticleTable) -> tuple[np.ndarray, pd.DataFrame]:
     return np.asarray(group, dtype=np.int64), pd.DataFrame(rows)
 
 
+def _premultiplied(table: ParticleTable) -> np.ndarray | None:
+    """(N,) bool rlnCtfDataAreCtfPremultiplied to write in data_optics, or None when no image is premultiplied
+    (then an input optics column passes through as it was)."""
+    pre = None if table.ctf is None else table.ctf.premultiplied
+    return None if pre is None or not np.asarray(pre).any() else np.asarray(pre, dtype=bool)
+
+
 def write_star(table: ParticleTable, path: str | os.PathLike) -> None:
     """Write a RELION 3.1+ particle STAR file (data_optics + data_particles), atomically.
 
     Every original particle column is kept (old pixel rlnOriginX/Y and pre-3.1
     optics columns such as rlnMagnification are replaced by their 3.1 forms);
     poses become rlnAngleRot/Tilt/Psi and rlnOriginX/YAngst, halves rlnRandomSubset
-    (a seeded balanced split when the table has none).
+    (a seeded balanced split when the table has none). rlnCtfDataAreCtfPremultiplied
+    goes to data_optics (groups split where it differs), also from a 3.0 particle column.
     """
     n = len(table)
     raw = table.raw
     if isinstance(raw, dict) and raw.get("particles") is not None and len(raw["particles"]) == n:
         parts = raw["particles"].reset_index(drop=True).copy()
         parts = parts.drop(columns=[c for c in _OLD_OPTICS if c in parts.columns])
+        if table.ctf is not None and PREMULTIPLIED in parts.columns:  # a 3.0 particle column: to data_optics
+            parts = parts.drop(columns=[PREMULTIPLIED])
     else:
         parts = pd.DataFrame(index=pd.RangeIndex(n))
         mics = table.extra.get("micrograph_names")

@@ -22,10 +22,11 @@ import torch
 from cryospin_relion.config import AbinitConfig
 from cryospin_relion.errors import InputError
 from cryospin_relion.io.atomic import write_json
-from cryospin_relion.lifecycle.checkpoint import (CHECKPOINT, TimedCheckpoints, input_fingerprint, load_for_resume,
-                                                  save_checkpoint)
+from cryospin_relion.lifecycle.checkpoint import (CHECKPOINT, TimedCheckpoints, checkpoint_exists, input_fingerprint,
+                                                  load_for_resume, save_checkpoint)
 from cryospin_relion.lifecycle.console import TqdmProgress, close_log, open_log
-from cryospin_relion.lifecycle.outputs import final_table, write_final_outputs, write_report
+from cryospin_relion.io.overwrite import same_file
+from cryospin_relion.lifecycle.outputs import final_table, output_files, write_final_outputs, write_report
 from cryospin_relion.lifecycle.pose_error import PoseErrorLog, load_true_rotations
 from cryospin_relion.lifecycle.signals import StopOnSignal
 
@@ -37,6 +38,7 @@ class AbinitRequest:
     input: Path
     output: Path
     config: AbinitConfig  # flags > --config YAML (or DIR/config.yaml when continuing) > defaults
+    config_file: Path | None = None  # the YAML the config was read from (an input: never overwritten)
     resume: bool = False  # --continue
     datadir: str | None = None
     angpix: float | None = None
@@ -47,24 +49,76 @@ class AbinitRequest:
 
 
 def run_abinit(req: AbinitRequest) -> int:
-    """Run ``req``; returns the exit code (InputError propagates: exit 2)."""
+    """Run ``req``; returns the exit code (InputError propagates: exit 2).
+
+    Every input is checked before anything is written: a refused run leaves no folder, no run.log."""
+    plan = _check(req)
+    out = req.output
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{out}: --o: cannot create the folder ({e.strerror or e})") from None
+    try:
+        log = open_log(out, req.quiet)
+    except OSError as e:  # read-only mount, immutable folder: the permission bits did not tell
+        if created:
+            _remove_empty(out)
+        raise InputError(f"{out}: --o: output folder is not writable ({e.strerror or e})") from None
+    from cryospin_relion.io.atomic import remove_stale_temporaries
+
+    remove_stale_temporaries(out)  # half-written files of a killed earlier run
+    try:
+        return _Run(req, log).execute(plan)
+    finally:
+        close_log()
+
+
+@dataclass
+class _Plan:
+    """What the checks found: the particles, the effective config (with the working box), the device."""
+
+    table: object  # io.particles.ParticleTable
+    config: AbinitConfig
+    device: torch.device
+
+
+def _check(req: AbinitRequest) -> _Plan:
+    """Every check of the inputs and of the output folder, writing nothing."""
+    from cryospin_relion.device import resolve_device
+    from cryospin_relion.io.overwrite import refuse_overwriting
+    from cryospin_relion.validate import check_particles, require_valid
+
     if not req.input.is_file():
         raise InputError(f"{req.input}: --i: file not found")
     out = req.output
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: --o: exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"{out}: --o: cannot create the folder ({e.strerror or e})") from None
-    from cryospin_relion.io.atomic import remove_stale_temporaries
+    cfg = req.config
+    device = resolve_device(cfg.run.device)
+    table = require_valid(*check_particles(req.input, out, datadir=req.datadir, angpix=req.angpix,
+                                           no_ctf=cfg.data.no_ctf))
+    table = table.with_ctf_phase_flipped(cfg.data.ctf_phase_flipped)  # the engine's and the final maps' CTF
+    box = cfg.data.working_box(int(table.box))
+    if box < 8:
+        raise InputError(f"{req.input}: image box {table.box} is too small (working box {box} < 8)")
+    inputs = {"--i": [req.input], "--i (image stack)": sorted(set(map(str, table.stack_paths)))}
+    if req.config_file is not None and not (req.resume and same_file(req.config_file, out / "config.yaml")):
+        inputs["--config"] = [req.config_file]  # DIR/config.yaml with --continue is this run's own
+    if req.true_poses:
+        inputs["--true-poses"] = [req.true_poses]
+    outputs = {"--o": [out / name for name in output_files(box)]}
+    if req.json_summary is not None:
+        outputs["--json-summary"] = [req.json_summary]
+    refuse_overwriting(outputs, inputs)
+    return _Plan(table, cfg.with_box(box), device)  # config.yaml records the effective working box
 
-    remove_stale_temporaries(out)  # half-written files of a killed earlier run
-    log = open_log(out, req.quiet)
+
+def _remove_empty(folder: Path) -> None:
     try:
-        return _Run(req, log).execute()
-    finally:
-        close_log()
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 class _Run:
@@ -74,21 +128,16 @@ class _Run:
         self.req, self.log, self.out = req, log, req.output
         self.t_start = time.perf_counter()
 
-    def execute(self) -> int:
-        from cryospin_relion.device import resolve_device
-        from cryospin_relion.validate import check_particles, require_valid
-
+    def execute(self, plan: _Plan) -> int:
         req, log, out = self.req, self.log, self.out
-        cfg = req.config
-        device = resolve_device(cfg.run.device)
+        cfg, table, device = plan.config, plan.table, plan.device
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        table = require_valid(*check_particles(req.input, out, datadir=req.datadir, angpix=req.angpix,
-                                               no_ctf=cfg.data.no_ctf))
-        box = cfg.data.working_box(int(table.box))
-        if box < 8:
-            raise InputError(f"{req.input}: image box {table.box} is too small (working box {box} < 8)")
-        cfg = cfg.with_box(box)  # config.yaml records the effective working box
+        box = cfg.data.box
+        self.box_note = None
+        if req.config.data.box is not None and req.config.data.box > box:
+            self.box_note = f"--box {req.config.data.box} is larger than the images ({table.box} px): working box {box}"
+            log.info(f"warning: {self.box_note}")
         had_config = (out / "config.yaml").is_file()
         cfg.to_yaml(out / "config.yaml")
         log.info(f"cryospin abinit: {len(table)} particles from {req.input}, input box {table.box}, working box {box}, "
@@ -166,6 +215,8 @@ class _Run:
             **h.stage_seconds(), "final_outputs_s": total - t_train, "device": str(device),
             "outputs": sorted(p.name for p in out.iterdir() if not p.name.startswith(".")),
         }
+        if self.box_note:
+            summary["warnings"] = [self.box_note]
         write_report(out, result, hist, summary, log)
         if req.json_summary:
             write_json(Path(req.json_summary), summary)
@@ -177,11 +228,11 @@ class _Run:
         req, log, engine = self.req, self.log, self.engine
         if not req.resume:
             return
-        if not self.ckpt.is_file() and had_config:
+        if not checkpoint_exists(self.ckpt) and had_config:
             # killed before its first checkpoint (e.g. during the stage-1 starts): nothing to lose
             log.info(f"--continue: no checkpoint yet in {self.out}; starting from the beginning")
             return
-        state = load_for_resume(self.ckpt, cfg, self.fingerprint)
+        state = load_for_resume(self.ckpt, cfg, self.fingerprint, log)
         try:
             engine.load_state_dict(state["engine"])
         except (ValueError, KeyError, RuntimeError) as e:

@@ -28,6 +28,16 @@ from cryospin_relion.io.particles import ParticleTable
 from cryospin_relion.io.read import write_particles
 
 
+def output_files(box: int) -> list[str]:
+    """Every file name an abinit run at working box ``box`` may write in its folder."""
+    from cryospin_relion.lifecycle.checkpoint import CHECKPOINT, PREVIOUS
+    from cryospin_relion.report import PDF_NAME, PNG_NAMES
+
+    return ["half1_map.mrc", "half2_map.mrc", "map.mrc", "decoder_map.mrc", "fsc.txt", "particles.star",
+            "particles.cs", "config.yaml", "run.log", "history.json", CHECKPOINT, PREVIOUS, PDF_NAME,
+            *PNG_NAMES.values(), f"cache_{box}.npy", f"cache_{box}.json"]
+
+
 @dataclass
 class FinalResult:
     """What the outputs are made of, for the summary and the report."""
