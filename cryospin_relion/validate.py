@@ -106,36 +106,40 @@ def check_particles(
     angpix: float | None = None,
     no_ctf: bool = False,
     sample: int = 64,
-) -> tuple[ParticleTable | None, list[str]]:
-    """Read and check a particle file; returns the table (None if unreadable) and all problems.
+) -> tuple[ParticleTable | None, Problems]:
+    """Read and check a particle file; returns the table (None if unreadable) and all problems,
+    with the warnings in ``problems.warnings`` (``require_valid(table, problems)`` ignores them).
 
     Checks: the file reads (STAR/.cs structure, pixel size, CTF columns unless
-    ``no_ctf``, one box), every stack exists and holds the indexed images, the
-    images are square and of the declared box, one pixel size, at least two
-    particles, a sample of ``sample`` images has no NaN/inf, the output folder is
-    writable.
+    ``no_ctf``, one box), every stack exists, is readable and holds the indexed
+    images, the images are square and of the declared box, one pixel size, at
+    least two particles, a sample of ``sample`` images has no NaN/inf, the output
+    folder is writable. Warnings: ``table_warnings``.
     """
     from cryospin_relion.io.read import read_particles
 
-    problems: list[str] = []
+    problems = Problems()
     if out_dir is not None:
         problems += _output_problems(Path(out_dir))
     try:
         table = read_particles(path, datadir=datadir, angpix=angpix, no_ctf=no_ctf, check_stacks=False)
     except InputError as e:
-        return None, problems + str(e).splitlines()
+        problems += str(e).splitlines()
+        return None, problems
+    problems.warnings += table_warnings(table)
     field = _image_field(table)
     if len(table) < 2:
         problems.append(f"{path}: {field}: at least 2 particles are needed (found {len(table)})")
     codes, uniq = pd.factorize(pd.Series(table.stack_paths, dtype=object).astype(str), sort=False)
     # stack_paths hold resolved paths, or the name as written when the stack was not found
     resolved = [u if os.path.isfile(u) else None for u in uniq]
+    bad_stacks: set[str] = set()
     problems += list(stack_problems(list(uniq), resolved, codes, np.asarray(table.stack_indices), str(path), field,
-                                    int(table.box) or None, datadir is not None))
+                                    int(table.box) or None, datadir is not None, bad_stacks=bad_stacks))
     p = pixel_size_problem(table)
     if p:
         problems.append(p)
-    found = np.isin(codes, [k for k, r in enumerate(resolved) if r is not None])
+    found = np.isin(codes, [k for k, r in enumerate(resolved) if r is not None and r not in bad_stacks])
     if found.any() and not any("past the end" in q for q in problems):
         problems += image_problems(table, _sample_rows(found, sample))
     return table, problems

@@ -49,9 +49,11 @@ def test_exact_types_are_required(tmp_path, yaml_text, option):
 def test_an_integer_is_a_valid_float_and_values_are_checked():
     assert AbinitConfig.from_dict({"lr_pose": 1}).optim.lr_pose == 1.0
     assert isinstance(AbinitConfig.from_dict({"lr_pose": 1}).optim.lr_pose, float)
-    with pytest.raises(InputError, match="explore_top: -1 must be >= 0"):
+    with pytest.raises(InputError, match="^--explore-top: -1 must be >= 0$"):  # the flag, as typed
         AbinitConfig().override(explore_top=-1)
-    with pytest.raises(InputError, match="max_shift"):
+    with pytest.raises(InputError, match="^c.yaml: explore_top: -1 must be >= 0$"):  # a file: the option
+        AbinitConfig.from_dict({"explore_top": -1}, "c.yaml")
+    with pytest.raises(InputError, match="^--max-shift: nan is not a finite number$"):
         AbinitConfig().override(max_shift=math.nan)
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import numpy as np
 import pandas as pd
 
 from cryospin_relion.io.particles import ParticleTable
 from cryospin_relion.io.read import read_particles
+from cryospin_relion.validate import table_warnings
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +90,8 @@ def main(args: argparse.Namespace) -> int:
     table = read_particles(args.i, datadir=args.datadir, angpix=args.angpix, no_ctf=args.no_ctf,
                            check_stacks=args.check_images)
     s = summarize(table)
+    for w in table_warnings(table):
+        print(f"cryospin info: warning: {w}", file=sys.stderr, flush=True)
     if args.check_images:
         from cryospin_relion.data.stack import ImageSource
 

@@ -26,7 +26,7 @@ import torch
 
 from cryospin_relion.device import DEVICE_CHOICES, resolve_device
 from cryospin_relion.errors import InputError
-from cryospin_relion.geometry.ctf import CTF, ctf_2d
+from cryospin_relion.geometry.ctf import CTF, ctf_2d, projection_factor
 from cryospin_relion.geometry.projection import project_spectrum
 from cryospin_relion.geometry.shifts import origin_to_translation
 from cryospin_relion.geometry.slicing import volume_to_projector
@@ -71,7 +71,9 @@ def project_table(vol: np.ndarray, table: ParticleTable, use_ctf: bool, device: 
             apix = torch.as_tensor(table.apix[r], dtype=torch.float32, device=device)
             rot = torch.as_tensor(table.rotations[r], dtype=torch.float32, device=device)
             t = origin_to_translation(torch.as_tensor(table.shifts_A[r], dtype=torch.float32, device=device), apix)
-            c = None if ctf is None else ctf_2d(n, apix, ctf[torch.as_tensor(r, device=device)])
+            cr = None if ctf is None else ctf[torch.as_tensor(r, device=device)]
+            # the factor the images carry: CTF^2 for optics groups flagged rlnCtfDataAreCtfPremultiplied
+            c = None if cr is None else projection_factor(ctf_2d(n, apix, cr), cr)
             out[r] = project_spectrum(spec, rot, n, t, c).cpu().numpy()
             bar.update(len(r))
     return out

@@ -78,9 +78,10 @@ class CTF:
             params = params.as_dict()
         pre = params.get("premultiplied")
         if pre is not None:
-            pre = torch.as_tensor(np.asarray(pre) if not isinstance(pre, Tensor) else pre).to(torch.bool)
+            pre = torch.as_tensor(np.array(pre) if not isinstance(pre, Tensor) else pre).to(torch.bool)
             pre = pre if bool(pre.any()) else None  # none premultiplied: the plain path
-        return cls(**{k: torch.as_tensor(np.asarray(params[k]) if not isinstance(params[k], Tensor) else params[k],
+        # np.array copies: the arrays may be read-only views of a STAR table or a memory map
+        return cls(**{k: torch.as_tensor(np.array(params[k]) if not isinstance(params[k], Tensor) else params[k],
                                          dtype=dtype)
                       for k in CTF_FIELDS if params.get(k) is not None},
                    premultiplied=pre, phase_flipped=bool(params.get("phase_flipped", False)))

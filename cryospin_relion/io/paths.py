@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from cryospin_relion.errors import InputError
-from cryospin_relion.io.mrc import stack_shape
+from cryospin_relion.io.mrc import open_stack, stack_shape
 
 
 @dataclass
@@ -58,6 +58,14 @@ def resolve_one(name: str, source_dir: Path, datadir: str | os.PathLike | None) 
         if c.is_file():
             return os.path.abspath(c)
     return None
+
+
+def searched(name: str, used_datadir: bool) -> str:
+    """Where ``resolve_one`` looked for the stack ``name``, for a not-found message."""
+    p = Path(name)
+    if p.is_absolute():
+        return "looked at that absolute path" + (f", and for '{p.name}' in --datadir" if used_datadir else "")
+    return "looked in the working directory, next to the file" + (", and in --datadir" if used_datadir else "")
 
 
 def locate_stacks(
@@ -103,18 +111,22 @@ def stack_problems(
     expected_box: int | None = None,
     used_datadir: bool = False,
     shapes: dict | None = None,
+    bad_stacks: set | None = None,
 ) -> Iterator[str]:
-    """One-line messages for every problem with the stacks, in file order.
+    """One-line messages for every problem with the stacks, in file order (one per stack at most).
 
     Args:
         uniq: unique stack names as written in the file; resolved: their paths (None = not found).
         codes: (N,) index into ``uniq`` per particle; indices: (N,) 0-based image index.
         shapes: filled with {resolved path: (n, ny, nx)} for the headers read.
+        bad_stacks: filled with the resolved paths of the stacks found but reported here.
     Yields:
-        a missing stack, an index past a stack's end, non-square images, or a box
-        different from ``expected_box`` / the first stack's.
+        a missing stack, an unreadable one (header or data cut short, unknown mode),
+        an index past a stack's end, non-square images, or a box different from
+        ``expected_box`` / the first stack's.
     """
     shapes = {} if shapes is None else shapes
+    bad_stacks = set() if bad_stacks is None else bad_stacks
     first_row = pd.Series(np.arange(len(codes))).groupby(codes).min().to_numpy()
     max_idx = pd.Series(indices).groupby(codes).max().to_numpy()
     box = expected_box
@@ -122,14 +134,16 @@ def stack_problems(
         row = first_row[k] + 1
         if r is None:
             yield (f"{source_file}: row {row}: {field_name}: stack '{uniq[k]}' not found "
-                   f"(looked in the working directory, next to the file{', and in --datadir' if used_datadir else ''})")
+                   f"({searched(uniq[k], used_datadir)})")
             continue
         try:
-            n, ny, nx = stack_shape(r)
+            n, ny, nx = open_stack(r).shape  # the header, and the data it promises are all there
         except InputError as e:
+            bad_stacks.add(r)
             yield str(e)
             continue
         shapes[r] = (n, ny, nx)
+        bad_stacks.add(r)  # until it passes every check below
         if ny != nx:
             yield f"{r}: nx/ny: non-square images {nx}x{ny} (from {source_file}, row {row})"
             continue
@@ -137,7 +151,9 @@ def stack_problems(
             yield f"{r}: nx: images are {nx} px but {source_file} says {box} ({field_name}, row {row})"
             continue
         box = box or nx
-        if max_idx[k] >= n:
+        if max_idx[k] < n:
+            bad_stacks.discard(r)
+        else:
             bad = int(np.flatnonzero((codes == k) & (indices >= n))[0])
             yield (f"{source_file}: row {bad + 1}: {field_name}: image {indices[bad] + 1} "
                    f"past the end of '{uniq[k]}' ({n} images)")

@@ -81,6 +81,7 @@ class _Plan:
     table: object  # io.particles.ParticleTable
     config: AbinitConfig
     device: torch.device
+    warnings: tuple[str, ...] = ()  # validate.check_particles' warnings, one line each
 
 
 def _check(req: AbinitRequest) -> _Plan:
@@ -96,8 +97,9 @@ def _check(req: AbinitRequest) -> _Plan:
         raise InputError(f"{out}: --o: exists and is not a folder")
     cfg = req.config
     device = resolve_device(cfg.run.device)
-    table = require_valid(*check_particles(req.input, out, datadir=req.datadir, angpix=req.angpix,
-                                           no_ctf=cfg.data.no_ctf))
+    table, problems = check_particles(req.input, out, datadir=req.datadir, angpix=req.angpix, no_ctf=cfg.data.no_ctf)
+    table = require_valid(table, problems)
+    warned = tuple(problems.warnings)  # logged as "warning: ..." once the run's log is open
     table = table.with_ctf_phase_flipped(cfg.data.ctf_phase_flipped)  # the engine's and the final maps' CTF
     box = cfg.data.working_box(int(table.box))
     if box < 8:
@@ -111,7 +113,7 @@ def _check(req: AbinitRequest) -> _Plan:
     if req.json_summary is not None:
         outputs["--json-summary"] = [req.json_summary]
     refuse_overwriting(outputs, inputs)
-    return _Plan(table, cfg.with_box(box), device)  # config.yaml records the effective working box
+    return _Plan(table, cfg.with_box(box), device, warned)  # config.yaml records the effective working box
 
 
 def _remove_empty(folder: Path) -> None:
@@ -131,6 +133,8 @@ class _Run:
     def execute(self, plan: _Plan) -> int:
         req, log, out = self.req, self.log, self.out
         cfg, table, device = plan.config, plan.table, plan.device
+        for w in plan.warnings:
+            log.info(f"warning: {w}")
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         box = cfg.data.box

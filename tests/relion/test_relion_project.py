@@ -96,9 +96,10 @@ def test_relion_project_random_origins_are_not_applied(tmp_path, maps):
     # ...but the images are the centred projections: compare with ours at zero origin
     zero = parts.drop(columns=["rlnOriginX", "rlnOriginY"]).assign(rlnOriginXAngst=0.0, rlnOriginYAngst=0.0)
     starfile.write({"optics": blocks["optics"], "particles": zero}, tmp_path / "zero.star", overwrite=True)
+    # (the output STAR, zero_proj.star, must not be the input: project refuses to replace an input)
     assert cli.run(["project", "--map", str(maps["blobs"]), "--i", str(tmp_path / "zero.star"),
-                    "--o", str(tmp_path / "zero.mrcs"), "--quiet"]) == 0
-    assert correlations(rel, mrcfile.read(tmp_path / "zero.mrcs")).min() >= 0.999
+                    "--o", str(tmp_path / "zero_proj.mrcs"), "--quiet"]) == 0
+    assert correlations(rel, mrcfile.read(tmp_path / "zero_proj.mrcs")).min() >= 0.999
     # and relion_project --ang ignores those pixel origins in a 3.1 STAR
     run_relion(["relion_project", "--i", str(maps["blobs"]), "--o", "again", "--ang", "uni.star"], cwd=tmp_path)
     assert correlations(rel, mrcfile.read(tmp_path / "again.mrcs")).min() >= 0.9999
