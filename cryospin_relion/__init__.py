@@ -7,3 +7,7 @@ the cached working-box stack, ``model/`` + ``engine/`` the cryoSPIN method,
 """
 
 __version__ = "0.1.0"
+
+# the paper to cite, printed at the start of run.log and by ``cryospin --version`` (docs/method.md)
+CITATION = ("Shekarforoush, Lindell, Brubaker, Fleet, \"Improving Ab-Initio Cryo-EM Reconstruction with "
+            "Semi-Amortized Pose Inference\", NeurIPS 2024")

@@ -14,11 +14,12 @@ import importlib
 import sys
 from types import ModuleType
 
-from cryospin_relion import __version__
+from cryospin_relion import CITATION, __version__
 from cryospin_relion.errors import InputError
 
 # the commands, in the order ``cryospin --help`` lists them
-COMMANDS = ("abinit", "reconstruct", "project", "convert", "info", "simulate", "compare", "demo", "flip-hand")
+COMMANDS = ("abinit", "reconstruct", "project", "convert", "info", "simulate", "compare", "demo", "flip-hand",
+            "report")
 
 
 def command_argv(name: str) -> list[str]:
@@ -36,8 +37,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cryospin",
         description="cryoSPIN ab-initio cryo-EM reconstruction for RELION and cryoSPARC data.",
+        epilog=f"cryospin {__version__}. Please cite: {CITATION}",
     )
-    parser.add_argument("--version", action="version", version=f"cryospin {__version__}")
+    parser.add_argument("--version", action="version", version=f"cryospin {__version__}; please cite: {CITATION}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS if only is None else (only,):

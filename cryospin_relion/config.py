@@ -72,6 +72,9 @@ class DataConfig:
     no_ctf: bool = opt(False, "ignore the CTF", flag=True)
     ctf_phase_flipped: bool = opt(False, "the images' CTF phases are already flipped: model |CTF| (as RELION's "
                                   "--ctf_phase_flipped)", flag=True)
+    mw_kda: float | None = opt(None, "molecular weight in kDa: the ChimeraX script's contour level encloses its "
+                               "volume, 1.21 A^3/Da (default: a level from the map)", flag="mw", metavar="KDA",
+                               resumable=True)
 
     def working_box(self, input_box: int) -> int:
         """The working box for images of side ``input_box`` (even, <= input box)."""
@@ -299,6 +302,8 @@ class AbinitConfig:
         for name in ("mask_radius", "c2f_start"):
             if not 0 < d[name] <= 1.0:
                 bad(name, "must be in (0, 1]")
+        if d["mw_kda"] is not None and not 0 < d["mw_kda"] < float("inf"):
+            bad("mw_kda", "must be a molecular weight in kDa > 0")
         if len(d["pose_betas"]) != 2 or not all(0 <= b < 1 for b in d["pose_betas"]):
             bad("pose_betas", "must be two numbers in [0, 1)")
         for o in _OPTIONS.values():  # every other number is a count, a rate or a bound: >= 0

@@ -156,7 +156,7 @@ def reconstruct_halves(
         mask_outside: apply ``soft_mask_outside`` (radius n/2, 3 px edge) to every
             map before the FSC, as relion_reconstruct does; with it our maps agree
             with relion_reconstruct --ctf to FSC > 0.99 on noisy data.
-        progress: show a tqdm progress bar.
+        progress: show progress (a tqdm bar at a terminal, plain lines otherwise; cryospin_relion/console.py).
     Returns:
         HalfMaps(map, half1, half2, fsc, resolution); voxel size = ``output_apix``.
     """
@@ -188,9 +188,9 @@ def reconstruct_halves(
     if batch_size is None:
         batch_size = int(min(8192, max(64, (1 << 25) // (m * m))))
     accs = {1: Accumulator.zeros(n, pad, device=dev), 2: Accumulator.zeros(n, pad, device=dev)}
-    from tqdm import tqdm
+    from cryospin_relion.console import progress_bar
 
-    with tqdm(total=n_part, unit="img", desc=f"backprojecting at {n} px", disable=not progress) as bar:
+    with progress_bar(n_part, f"backprojecting at {n} px", "img", enabled=progress) as bar:
         for a in range(0, n_part, batch_size):
             rows = np.arange(a, min(a + batch_size, n_part))
             imgs = torch.from_numpy(np.ascontiguousarray(get(rows), dtype=np.float32))

@@ -184,9 +184,17 @@ def test_a_box_larger_than_the_images_is_said(tmp_path, star, capsys):
 
 # -- 7. damaged checkpoints ----------------------------------------------------------------------------------------
 
-def _finished_run(star: Path, out: Path) -> None:
+@pytest.fixture(scope="module")
+def finished(star, tmp_path_factory) -> Path:
+    """A finished run's folder (each test continues a copy of it)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
     rc = cli.run(["abinit", "--i", str(star), "--o", str(out), *QUICK])
     assert rc == 0 and (out / "checkpoint.pt").is_file() and (out / "checkpoint.prev.pt").is_file()
+    return out
+
+
+def _finished_run(finished: Path, out: Path) -> None:
+    shutil.copytree(finished, out)
 
 
 def _epochs(path: Path) -> int:
@@ -194,9 +202,9 @@ def _epochs(path: Path) -> int:
 
 
 @pytest.mark.parametrize("damage", ["text", "empty", "truncated"])
-def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, star, capsys, damage):
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, star, finished, capsys, damage):
     out = tmp_path / "run"
-    _finished_run(star, out)
+    _finished_run(finished, out)
     assert _epochs(out / "checkpoint.prev.pt") == _epochs(out / "checkpoint.pt") - 1
     ck = out / "checkpoint.pt"
     data = ck.read_bytes()
@@ -213,11 +221,11 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, star, cap
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_what_a_kill_during_the_checkpoint_write_leaves_is_resumable(tmp_path, star, capsys):
+def test_what_a_kill_during_the_checkpoint_write_leaves_is_resumable(tmp_path, star, finished, capsys):
     """save_checkpoint: tmp written -> newest becomes prev -> tmp becomes newest. A kill between the two renames
     leaves prev + a stale temporary file and no checkpoint.pt; --continue resumes from prev and finishes."""
     out = tmp_path / "run"
-    _finished_run(star, out)
+    _finished_run(finished, out)
     n_prev = _epochs(out / "checkpoint.prev.pt")
     (out / "checkpoint.pt").rename(out / ".checkpoint.123-0badc0de.tmp.pt")  # the new one, not yet in place
     rc, err = _run(capsys, "abinit", "--i", str(star), "--o", str(out), *QUICK, "--continue")

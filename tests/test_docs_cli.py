@@ -14,5 +14,6 @@ def test_cli_reference_is_current():
 
 def test_every_command_is_documented():
     doc = (ROOT / "docs" / "cli.md").read_text()
-    for name in ("abinit", "reconstruct", "project", "convert", "info", "simulate", "compare", "demo", "flip-hand"):
+    for name in ("abinit", "reconstruct", "project", "convert", "info", "simulate", "compare", "demo", "flip-hand",
+                 "report"):
         assert f"## cryospin {name}" in doc

@@ -11,6 +11,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
+from cryospin_relion.evaluate.orientation import DirectionalResolution
 from cryospin_relion.geometry.rotations import euler_to_matrix
 from cryospin_relion.report import PDF_NAME, PNG_NAMES, make_report, plots, view_direction_histogram
 
@@ -52,8 +53,11 @@ def _inputs(n_poses: int = 300) -> dict:
     z, y, x = np.mgrid[-1:1:n * 1j, -1:1:n * 1j, -1:1:n * 1j]
     volume = np.exp(-((x - 0.3) ** 2 + y**2 + z**2) / 0.1).astype(np.float32)
     pose_err = {"epoch": list(range(7)), "median_deg": [60, 30, 10, 5, 2, 1, 0.5], "mean_deg": [70, 40, 20, 9, 5, 3, 2]}
+    dirs = np.stack([np.ones(8), np.linspace(-1, 1, 8), np.zeros(8)], 1)
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    directional = DirectionalResolution(dirs, np.ones((8, n // 2 + 1)), np.linspace(6.0, 9.0, 8), 20.0)
     return dict(fsc=fsc, apix=3.0, box=n, history=history, rotations=rotations, volume=volume,
-                pose_error_history=pose_err)
+                pose_error_history=pose_err, orientation={"efficiency": 0.42, "directional": directional})
 
 
 def test_full_report_writes_pdf_and_pngs(tmp_path):
@@ -61,7 +65,7 @@ def test_full_report_writes_pdf_and_pngs(tmp_path):
     out = make_report(tmp_path / "rep", summary={"resolution (A)": 7.5, "particles": 300, "output": "Job001/x.mrc"}, **inp)
     assert set(out) == {"pdf", *PNG_NAMES}
     assert out["pdf"] == tmp_path / "rep" / PDF_NAME
-    assert _pdf_pages(out["pdf"]) == 1 + 6  # title + six figures
+    assert _pdf_pages(out["pdf"]) == 1 + 7  # title + seven figures
     for key, name in PNG_NAMES.items():
         assert out[key].name == name and _is_png(out[key])
     assert _leftovers(tmp_path / "rep") == []

@@ -63,9 +63,9 @@ def project_table(vol: np.ndarray, table: ParticleTable, use_ctf: bool, device: 
     N = len(table)
     out = np.empty((N, n, n), dtype=np.float32)
     ctf = CTF.from_arrays(table.ctf).to(device) if use_ctf else None
-    from tqdm import tqdm
+    from cryospin_relion.console import progress_bar
 
-    with tqdm(total=N, unit="img", desc="projecting", disable=not progress) as bar:
+    with progress_bar(N, "projecting", "img", enabled=progress) as bar:
         for a in range(0, N, batch):
             r = np.arange(a, min(a + batch, N))
             apix = torch.as_tensor(table.apix[r], dtype=torch.float32, device=device)

@@ -198,11 +198,11 @@ def build_cache(table: ParticleTable, out_dir: str | os.PathLike, box: int, inve
     src = ImageSource(table)
     orig_box = src.box
     factor = np.float32(-1.0 if invert else 1.0)
-    from tqdm import tqdm
+    from cryospin_relion.console import progress_bar
 
     with atomic_path(npy) as tmp:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, box, box))
-        with tqdm(total=n, unit="img", desc=f"caching images at {box} px", disable=not progress) as bar:
+        with progress_bar(n, f"caching images at {box} px", "img", enabled=progress) as bar:
             for a in range(0, n, chunk):
                 rows = np.arange(a, min(a + chunk, n))
                 imgs = src.images(rows)

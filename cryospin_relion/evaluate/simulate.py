@@ -289,11 +289,9 @@ def simulate_images(
     spec = volume_to_projector(torch.as_tensor(volume, dtype=torch.float32), pad=2)
     ctf_t = None if ctf is None else CTF.from_arrays(ctf)
     s1 = s2 = 0.0
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from cryospin_relion.console import progress_bar
 
-        bar = tqdm(total=n, desc="simulate", unit="img", leave=False)
+    bar = progress_bar(n, "simulate", "img", enabled=progress, leave=False, lines=False)  # stdout: the summary
     with torch.no_grad():
         for a in range(0, n, batch):
             b = min(n, a + batch)
@@ -305,10 +303,8 @@ def simulate_images(
             s1 += float(d.sum())
             s2 += float((d * d).sum())
             out[a:b] = img.numpy()
-            if bar is not None:
-                bar.update(b - a)
-    if bar is not None:
-        bar.close()
+            bar.update(b - a)
+    bar.close()
     npx = float(n) * box * box
     mean = s1 / npx
     signal_var = max(s2 / npx - mean * mean, 0.0)

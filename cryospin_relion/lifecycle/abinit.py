@@ -19,14 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cryospin_relion import CITATION, __version__
 from cryospin_relion.config import AbinitConfig
 from cryospin_relion.errors import InputError
 from cryospin_relion.io.atomic import write_json
 from cryospin_relion.lifecycle.checkpoint import (CHECKPOINT, TimedCheckpoints, checkpoint_exists, input_fingerprint,
                                                   load_for_resume, save_checkpoint)
-from cryospin_relion.lifecycle.console import TqdmProgress, close_log, open_log
+from cryospin_relion.lifecycle.console import close_log, open_log, run_progress
 from cryospin_relion.io.overwrite import same_file
-from cryospin_relion.lifecycle.outputs import final_table, output_files, write_final_outputs, write_report
+from cryospin_relion.lifecycle.outputs import (add_orientation_summary, final_table, output_files, write_final_outputs,
+                                                write_report)
 from cryospin_relion.lifecycle.pose_error import PoseErrorLog, load_true_rotations
 from cryospin_relion.lifecycle.signals import StopOnSignal
 
@@ -133,6 +135,7 @@ class _Run:
     def execute(self, plan: _Plan) -> int:
         req, log, out = self.req, self.log, self.out
         cfg, table, device = plan.config, plan.table, plan.device
+        log.info(f"cryospin {__version__} (cryospin_relion); please cite: {CITATION}")
         for w in plan.warnings:
             log.info(f"warning: {w}")
         if cfg.run.threads:
@@ -164,7 +167,7 @@ class _Run:
         use_ctf = not (cfg.data.no_ctf or table.ctf is None)
         engine = AbinitEngine(cache.images, torch.as_tensor(apix_work, dtype=torch.float32),
                               CTF.from_arrays(table.ctf) if use_ctf else None, cfg, device,
-                              progress=None if req.quiet else TqdmProgress())
+                              progress=None if req.quiet else run_progress(log))
         self.engine = engine
         self.ckpt = out / CHECKPOINT
         self.fingerprint = input_fingerprint(req.input, len(table))
@@ -172,6 +175,7 @@ class _Run:
         self._resume(cfg, had_config)
 
         timed = TimedCheckpoints(cfg.run.checkpoint_minutes)
+        live = self._live_report(cfg, table)
 
         def checkpoint() -> None:
             save_checkpoint(self.ckpt, engine.state_dict(), self.fingerprint,
@@ -182,7 +186,9 @@ class _Run:
             checkpoint()
             if self.pose_log is not None:
                 self.pose_log.record(eng)
-            write_json(out / "history.json", self.history_json())
+            hist = self.history_json()
+            write_json(out / "history.json", hist)
+            live.epoch_end(eng, hist, "running")
 
         with StopOnSignal(log) as stop:
             def after_batch() -> bool:
@@ -195,8 +201,10 @@ class _Run:
                                 on_trial_epoch_end=None if self.pose_log is None else self.pose_log.record)
         if status == "stopped":
             checkpoint()
-            write_json(out / "history.json", self.history_json())
+            hist = self.history_json()
+            write_json(out / "history.json", hist)
             epoch, _, batch = engine.position
+            live.write(engine, hist, f"stopped at epoch {epoch + 1}, batch {batch} (rerun with --continue)")
             log.info(f"stopped at epoch {epoch + 1}, batch {batch}; checkpoint written to {self.ckpt}; "
                      f"rerun with --continue to resume")
             return stop.exit_code
@@ -205,7 +213,7 @@ class _Run:
         result = write_final_outputs(out, table, cache.images, apix_work, engine.final_poses(),
                                      engine.decoder_map().numpy(), flip_hand=cfg.run.flip_hand, seed=cfg.run.seed,
                                      use_ctf=use_ctf, write_cs=req.input.suffix.lower() == ".cs", device=device,
-                                     progress=not req.quiet, log=log)
+                                     progress=not req.quiet, log=log, mw_kda=cfg.data.mw_kda)
         hist = self.history_json(final_resolution_A=result.resolution_A)
         write_json(out / "history.json", hist)
         total = time.perf_counter() - self.t_start
@@ -221,12 +229,24 @@ class _Run:
         }
         if self.box_note:
             summary["warnings"] = [self.box_note]
+        add_orientation_summary(summary, result, log)
         write_report(out, result, hist, summary, log)
         if req.json_summary:
             write_json(Path(req.json_summary), summary)
         if not req.quiet:
             print(final_table(summary, out))
         return 0
+
+    def _live_report(self, cfg: AbinitConfig, table):
+        """logfile.pdf during the run (lifecycle/live_report.py), at the working box's voxel size."""
+        from cryospin_relion.halfmaps import output_apix
+        from cryospin_relion.lifecycle.live_report import LiveReport
+
+        try:
+            apix = output_apix(table, cfg.data.box, cfg.data.box)
+        except InputError:  # mixed pixel sizes: the final outputs say so; the live report goes without
+            apix = None
+        return LiveReport(self.out, apix, self.log, flip_hand=cfg.run.flip_hand)
 
     def _resume(self, cfg: AbinitConfig, had_config: bool) -> None:
         req, log, engine = self.req, self.log, self.engine

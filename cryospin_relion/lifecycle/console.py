@@ -1,10 +1,12 @@
-"""What a run shows: ``run.log`` in the output folder, console lines, and progress bars."""
+"""What a run shows: ``run.log`` in the output folder, console lines, and progress (bars or plain lines)."""
 
 from __future__ import annotations
 
 import logging
 import sys
 from pathlib import Path
+
+from cryospin_relion.console import LineProgress, is_terminal
 
 LOGGER = "cryospin.abinit"
 
@@ -52,3 +54,10 @@ class TqdmProgress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def run_progress(log: logging.Logger, interval: float | None = None):
+    """The engine's progress sink for a run: tqdm bars at a terminal; otherwise plain lines through the
+    run's logger (stdout and ``run.log``), one per ``interval`` seconds within a long epoch (default
+    ``cryospin_relion.console.interval_s()``, a minute)."""
+    return TqdmProgress() if is_terminal() else LineProgress(log.info, interval)

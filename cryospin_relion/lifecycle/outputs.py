@@ -8,6 +8,9 @@
   as RELION and cryoSPARC refinement need (Fourier padding adds no information);
 - ``decoder_map.mrc``: the learned volume, at the working box;
 - ``fsc.txt``; ``particles.star`` (and ``particles.cs`` for .cs input) with every input column;
+- ``open_in_chimerax.cxc``: opens map.mrc and the half maps in ChimeraX at their voxel size, centred,
+  at a contour level enclosing the molecule's volume (geometry/threshold.py: from ``--mw`` when given,
+  else from the map);
 - ``logfile.pdf`` and PNGs (the report never fails the run).
 """
 
@@ -19,13 +22,19 @@ from pathlib import Path
 
 import numpy as np
 
+from cryospin_relion.evaluate.orientation import DirectionalResolution, directional_resolution, orientation_efficiency
 from cryospin_relion.geometry.filters import lowpass, resample_box
 from cryospin_relion.geometry.hand import flip_poses_hand, flip_volume_hand
+from cryospin_relion.geometry.threshold import contour_level
 from cryospin_relion.halfmaps import output_apix, reconstruct_halves
+from cryospin_relion.io.chimerax import ScriptMap, write_chimerax_script
 from cryospin_relion.io.fsc_table import write_fsc
 from cryospin_relion.io.mrc import write_mrc
 from cryospin_relion.io.particles import ParticleTable
 from cryospin_relion.io.read import write_particles
+
+
+CHIMERAX_SCRIPT = "open_in_chimerax.cxc"
 
 
 def output_files(box: int) -> list[str]:
@@ -33,8 +42,8 @@ def output_files(box: int) -> list[str]:
     from cryospin_relion.lifecycle.checkpoint import CHECKPOINT, PREVIOUS
     from cryospin_relion.report import PDF_NAME, PNG_NAMES
 
-    return ["half1_map.mrc", "half2_map.mrc", "map.mrc", "decoder_map.mrc", "fsc.txt", "particles.star",
-            "particles.cs", "config.yaml", "run.log", "history.json", CHECKPOINT, PREVIOUS, PDF_NAME,
+    return ["half1_map.mrc", "half2_map.mrc", "map.mrc", "decoder_map.mrc", "fsc.txt", CHIMERAX_SCRIPT,
+            "particles.star", "particles.cs", "config.yaml", "run.log", "history.json", CHECKPOINT, PREVIOUS, PDF_NAME,
             *PNG_NAMES.values(), f"cache_{box}.npy", f"cache_{box}.json"]
 
 
@@ -48,13 +57,16 @@ class FinalResult:
     fsc: np.ndarray  # (box // 2 + 1,)
     map: np.ndarray  # unfiltered map of all particles at the working box
     rotations: np.ndarray  # (N, 3, 3) final RELION poses (hand flipped if asked)
+    orientation_efficiency: float | None = None  # cryoEF E_od of the final views (evaluate/orientation.py)
+    directional: DirectionalResolution | None = None  # conical half-map FSC at the working box
 
 
 def write_final_outputs(out: Path, table: ParticleTable, images, apix_work: np.ndarray, poses: tuple, decoder: np.ndarray,
                         *, flip_hand: bool, seed: int, use_ctf: bool, write_cs: bool, device, progress: bool,
-                        log: logging.Logger) -> FinalResult:
+                        log: logging.Logger, mw_kda: float | None = None) -> FinalResult:
     """Backproject the halves with the final ``poses`` (rotations (N, 3, 3), shifts (N, 2) working-box px,
-    content translation) and write every output file; ``decoder`` is the learned map (n, n, n)."""
+    content translation) and write every output file; ``decoder`` is the learned map (n, n, n); ``mw_kda``
+    (molecular weight, kDa) sets the ChimeraX script's contour levels."""
     R, t_px = poses
     box = int(decoder.shape[-1])
     if flip_hand:
@@ -67,16 +79,80 @@ def write_final_outputs(out: Path, table: ParticleTable, images, apix_work: np.n
     apix_out = float(output_apix(table, box, box))
     res = float(hm.resolution)
     pbox, papix = int(table.box), float(output_apix(table, int(table.box), int(table.box)))
-    write_mrc(out / "half1_map.mrc", resample_box(hm.half1, pbox), papix)
-    write_mrc(out / "half2_map.mrc", resample_box(hm.half2, pbox), papix)
-    write_mrc(out / "map.mrc", resample_box(lowpass(hm.map, res, apix_out), pbox), papix)
+    maps = {"map.mrc": resample_box(lowpass(hm.map, res, apix_out), pbox),
+            "half1_map.mrc": resample_box(hm.half1, pbox), "half2_map.mrc": resample_box(hm.half2, pbox)}
+    for name in ("half1_map.mrc", "half2_map.mrc", "map.mrc"):
+        write_mrc(out / name, maps[name], papix)
+    write_chimerax(out, maps, papix, mw_kda, log)
     write_mrc(out / "decoder_map.mrc", decoder, apix_out)
     write_fsc(out / "fsc.txt", hm.fsc, box, apix_out)
     new = table.with_poses(R, shifts_A, halves)
     write_particles(new, out / "particles.star")
     if write_cs:
         write_particles(new, out / "particles.cs")
-    return FinalResult(res, apix_out, box, hm.fsc, hm.map, R)
+    eff, directional = orientation_diagnostics(R, hm.half1, hm.half2, apix_out, log)
+    return FinalResult(res, apix_out, box, hm.fsc, hm.map, R, eff, directional)
+
+
+def orientation_diagnostics(R, half1, half2, apix: float, log: logging.Logger):
+    """(cryoEF efficiency of the views of ``R``, directional resolution of the half maps), each None
+    when it fails (logged; the diagnostics never fail the run)."""
+    eff = directional = None
+    try:
+        eff = orientation_efficiency(R)
+    except Exception as e:
+        log.info(f"orientation efficiency not computed: {type(e).__name__}: {e}")
+    try:
+        directional = directional_resolution(half1, half2, apix)
+    except Exception as e:
+        log.info(f"directional resolution not computed: {type(e).__name__}: {e}")
+    if eff is not None and directional is not None:
+        log.info(f"orientation: view-distribution efficiency {eff:.2f} (cryoEF E_od, 1 = uniform); directional "
+                 f"resolution (FSC 0.143 in {len(directional.resolution_A)} cones of "
+                 f"{directional.cone_half_angle_deg:.0f} deg) best {directional.best_A:.2f} A, worst "
+                 f"{directional.worst_A:.2f} A, median {directional.median_A:.2f} A")
+    return eff, directional
+
+
+def write_chimerax(out: Path, maps: dict[str, np.ndarray], apix: float, mw_kda: float | None,
+                   log: logging.Logger) -> None:
+    """``open_in_chimerax.cxc`` next to ``maps`` (file name -> map (n, n, n), all at voxel size ``apix``,
+    already written in ``out``): map.mrc shown, the half maps opened hidden, each at its own
+    ``contour_level`` (the same enclosed volume when ``mw_kda`` is given). A failure is logged, never
+    raised (a convenience must not fail the run)."""
+    from cryospin_relion import CITATION, __version__
+
+    try:
+        entries = []
+        for i, (name, vol) in enumerate(maps.items()):
+            level, rule = contour_level(vol, apix, mw_kda)
+            entries.append(ScriptMap(name, level, apix, int(vol.shape[-1]), show=i == 0, note=rule))
+    except Exception as e:
+        log.info(f"ChimeraX script not written: {type(e).__name__}: {e}")
+        return
+    header = [f"cryospin {__version__}: the maps of this run in ChimeraX, run it in a fresh session:",
+              f"  chimerax {CHIMERAX_SCRIPT}   (or, in ChimeraX: open /path/to/{CHIMERAX_SCRIPT})",
+              "voxelSize = the maps' header voxel size; originIndex n//2 puts the particle centre (voxel n//2, "
+              "RELION's convention; the header origin is 0) at (0,0,0) A",
+              "show a half map: volume #2 show; change a level: volume #1 level VALUE",
+              f"cite: {CITATION}"]
+    write_chimerax_script(out / CHIMERAX_SCRIPT, entries, header)
+    log.info(f"ChimeraX script {out / CHIMERAX_SCRIPT}: map.mrc at level {entries[0].level:.4g} "
+             f"({entries[0].note})")
+
+
+def add_orientation_summary(summary: dict, result: FinalResult, log: logging.Logger) -> dict:
+    """Put the orientation diagnostics of ``result`` into ``summary`` ("orientation_efficiency",
+    "directional_resolution_A": {best, worst, median, spread}) and log a ``warning:`` line, also
+    appended to ``summary["warnings"]``, when the efficiency is under EFFICIENCY_WARN_BELOW (0.5)."""
+    from cryospin_relion.evaluate.orientation import orientation_summary
+
+    entries, warned = orientation_summary(result.orientation_efficiency, result.directional)
+    summary.update(entries)
+    for w in warned:
+        log.info(f"warning: {w}")
+        summary.setdefault("warnings", []).append(w)
+    return summary
 
 
 def write_report(out: Path, result: FinalResult, history_json: dict, summary: dict, log: logging.Logger) -> None:
@@ -86,7 +162,8 @@ def write_report(out: Path, result: FinalResult, history_json: dict, summary: di
     try:
         make_report(out, fsc=result.fsc, fsc_resolution_A=result.resolution_A, apix=result.apix, box=result.box,
                     history=history_json, rotations=result.rotations, volume=result.map, summary=summary,
-                    pose_error_history=history_json.get("pose_error"))
+                    pose_error_history=history_json.get("pose_error"),
+                    orientation={"efficiency": result.orientation_efficiency, "directional": result.directional})
     except Exception as e:  # the report must never fail the run
         log.info(f"report not written: {type(e).__name__}: {e}")
 
@@ -102,6 +179,7 @@ def final_table(summary: dict, out: Path) -> str:
         ("map / half maps", f"{out / 'map.mrc'}  {out / 'half1_map.mrc'}  {out / 'half2_map.mrc'}"),
         ("poses", "  ".join(str(out / n) for n in ("particles.star", "particles.cs") if (out / n).is_file())),
         ("report", str(out / "logfile.pdf")),
+        ("ChimeraX", f"chimerax {out / CHIMERAX_SCRIPT}" if (out / CHIMERAX_SCRIPT).is_file() else "-"),
     ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(["", "cryospin abinit finished", *(f"  {k:<{w}}  {v}" for k, v in rows)])

@@ -7,6 +7,7 @@ from cryospin_relion.report.plots import (
     plot_fsc,
     plot_head_wins,
     plot_history,
+    plot_orientation,
     plot_pose_error,
     plot_title_page,
     plot_view_directions,
@@ -24,6 +25,7 @@ __all__ = [
     "plot_head_wins",
     "plot_central_slices",
     "plot_pose_error",
+    "plot_orientation",
     "view_direction_histogram",
     "last_head_wins",
 ]

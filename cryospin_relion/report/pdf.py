@@ -29,6 +29,7 @@ PNG_NAMES = {
     "head_wins": "head_wins.png",
     "central_slices": "central_slices.png",
     "pose_error": "pose_error.png",
+    "orientation": "orientation.png",
 }
 
 PNG_DPI = 110
@@ -46,6 +47,7 @@ def _pages(
     head_wins: Any,
     volume: Any,
     pose_error_history: Mapping[str, Any] | None,
+    orientation: Mapping[str, Any] | None = None,
 ) -> list[tuple[str | None, Callable[[], Figure]]]:
     """(result key or None for PDF-only pages, figure builder) for each page to draw."""
     pages: list[tuple[str | None, Callable[[], Figure]]] = []
@@ -64,6 +66,12 @@ def _pages(
         pages.append(("central_slices", lambda: plots.plot_central_slices(volume, apix=apix)))
     if pose_error_history and pose_error_history.get("median_deg") is not None and len(pose_error_history["median_deg"]) > 0:
         pages.append(("pose_error", lambda: plots.plot_pose_error(pose_error_history)))
+    if orientation and (orientation.get("efficiency") is not None or orientation.get("directional") is not None):
+        directional = orientation.get("directional")
+        pages.append(("orientation", lambda: plots.plot_orientation(
+            orientation.get("efficiency"), getattr(directional, "directions", None),
+            getattr(directional, "resolution_A", None),
+            cone_half_angle_deg=getattr(directional, "cone_half_angle_deg", None))))
     return pages
 
 
@@ -81,6 +89,7 @@ def make_report(
     pose_error_history: Mapping[str, Any] | None = None,
     summary: Mapping[str, Any] | None = None,
     png: bool = True,
+    orientation: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write the report figures (PNG) and ``logfile.pdf`` (one page per figure) in ``out_dir``.
 
@@ -100,18 +109,21 @@ def make_report(
         pose_error_history: 'epoch', 'median_deg', optionally 'mean_deg', 'stage'.
         summary: key -> value lines for a title page (resolution, particles, times, paths).
         png: also write one PNG per figure page.
+        orientation: {'efficiency': cryoEF E_od or None, 'directional': an
+            ``evaluate.orientation.DirectionalResolution`` (or any object with
+            ``directions``, ``resolution_A``, ``cone_half_angle_deg``) or None}.
 
     Returns:
         {'pdf': out_dir/logfile.pdf, and for each figure drawn its PNG under the
         keys 'fsc', 'loss', 'view_directions', 'head_wins', 'central_slices',
-        'pose_error' (file names in PNG_NAMES)}. Empty (nothing written) when
+        'pose_error', 'orientation' (file names in PNG_NAMES)}. Empty (nothing written) when
         no input is given. Exceptions propagate; then no temporary file is
         left and ``logfile.pdf`` is not replaced.
     """
     out = Path(out_dir)
     pages = _pages(summary=summary, fsc=fsc, fsc_resolution_A=fsc_resolution_A, apix=apix, box=box,
                    history=history, rotations=rotations, head_wins=head_wins, volume=volume,
-                   pose_error_history=pose_error_history)
+                   pose_error_history=pose_error_history, orientation=orientation)
     if not pages:
         return {}
     out.mkdir(parents=True, exist_ok=True)

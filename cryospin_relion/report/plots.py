@@ -35,6 +35,7 @@ __all__ = [
     "plot_head_wins",
     "plot_central_slices",
     "plot_pose_error",
+    "plot_orientation",
     "last_head_wins",
 ]
 
@@ -498,4 +499,54 @@ def plot_pose_error(pose_error_history: Mapping[str, Any]) -> Figure:
     ax.set_title(f"Rotation error against ground truth{last}", fontsize=11)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
+    return fig
+
+
+# -- (7) orientation diagnostics ----------------------------------------------------------
+
+
+def plot_orientation(efficiency: float | None, directions: Any = None, resolution_A: Any = None, *,
+                     cone_half_angle_deg: float | None = None, warn_below: float = 0.5) -> Figure:
+    """Orientation diagnostics: the cryoEF view-distribution efficiency and the directional resolution.
+
+    Args:
+        efficiency: E_od in [0, 1] (evaluate/orientation.py), or None.
+        directions: (M, 3) unit vectors (x, y, z) of the conical FSCs, or None.
+        resolution_A: (M,) 0.143 resolution in each direction, A.
+        cone_half_angle_deg: the cones' half-angle (title only).
+        warn_below: efficiency threshold drawn red in the title (0.5).
+
+    The sky map shows each direction and its antipode (the FSC is Friedel symmetric) on a
+    Mollweide projection, azimuth = atan2(y, x), elevation = asin(z), coloured by resolution.
+    """
+    fig = Figure(figsize=(8.27, 5.4), layout="constrained")
+    lines = []
+    if efficiency is not None:
+        e = float(efficiency)
+        verdict = "preferred orientation (< %.1f)" % warn_below if e < warn_below else (
+            "good (>= 0.8)" if e >= 0.8 else "acceptable")
+        lines.append(f"view-distribution efficiency E_od = {e:.2f} (cryoEF; 1 = uniform views): {verdict}")
+    have_dirs = directions is not None and resolution_A is not None and len(as_numpy(resolution_A).reshape(-1)) > 0
+    if have_dirs:
+        d = as_numpy(directions).reshape(-1, 3)
+        r = as_numpy(resolution_A).reshape(-1)
+        d = np.concatenate([d, -d])
+        r = np.concatenate([r, r])
+        ax = fig.add_subplot(projection="mollweide")
+        sc = ax.scatter(np.arctan2(d[:, 1], d[:, 0]), np.arcsin(np.clip(d[:, 2], -1, 1)), c=r, s=60,
+                        cmap="viridis_r", edgecolors="k", linewidths=0.3)
+        cb = fig.colorbar(sc, ax=ax, orientation="horizontal", shrink=0.6, pad=0.04)
+        cb.set_label("FSC 0.143 resolution in the cone (Å)")
+        ax.grid(alpha=0.4)
+        ax.tick_params(labelsize=8)
+        ax.set_xlabel("azimuth")
+        ax.set_ylabel("elevation")
+        cone = f" ({cone_half_angle_deg:g}° cones)" if cone_half_angle_deg else ""
+        lines.append(f"directional resolution{cone}: best {r.min():.2f} Å, worst {r.max():.2f} Å, "
+                     f"median {np.median(r):.2f} Å")
+    else:
+        ax = fig.add_subplot()
+        ax.axis("off")
+    color = "C3" if efficiency is not None and float(efficiency) < warn_below else "k"
+    fig.suptitle("Orientation diagnostics\n" + "\n".join(lines), fontsize=10, color=color)
     return fig

@@ -365,7 +365,50 @@ def test_relion_external_job_succeeds_and_registers_nodes(relion_project):
     # image names stay project-relative
     assert "@Data/particles.mrcs" in (d / "particles.star").read_text()
     assert "error" not in (d / "run.err").read_text().lower()
+    _progress_files(d)
     print(f"External job {job}: {seconds:.1f} s")
+
+
+def _progress_files(d: Path) -> tuple[str, str]:
+    """(run.out, run.err) of a finished job, checked: no carriage return (no tqdm bar) in either, no line of
+    more than a few hundred characters, and run.err holds no progress (empty, or warnings only)."""
+    out, err = ((d / f).read_bytes().decode() for f in ("run.out", "run.err"))  # bytes: keep any \r
+    assert "\r" not in out and "\r" not in err
+    assert max(len(line) for line in out.splitlines()) < 2000
+    assert not [line for line in err.splitlines() if "warning" not in line.lower()], err
+    return out, err
+
+
+@relion_test
+def test_relion_external_job_progress_goes_to_run_out_as_lines(relion_project, monkeypatch):
+    """Issue #14: progress in run.out as plain lines (one per epoch, and one per interval within an epoch),
+    no tqdm carriage returns, nothing in run.err. run.out grows with epochs, not with batches."""
+    project = relion_project
+    monkeypatch.delenv("CRYOSPIN_PROGRESS_INTERVAL_S", raising=False)
+    sizes = {}
+    for bs in ("100", "10"):  # 2 and 20 batches an epoch
+        job = add_external(project, dict(TINY, batch_size=bs))
+        run_jobs(project, job)
+        assert read_pipeline(project)[0][job] == 2
+        out, err = _progress_files(project / job)
+        assert not re.search(r": batch \d+/\d+", out)  # a short epoch writes only its epoch line
+        epochs = re.findall(r"^epoch \d+ stage \d", out, re.M)
+        assert len(epochs) >= 2, out
+        sizes[bs] = (len(out), len(err), len(out.splitlines()), len(epochs))
+    # ten times the batches, the same epoch lines; the files differ only by option values and a note or two
+    # (e.g. a warning one run gives and the other not): a tqdm bar would add kilobytes per epoch
+    (n10, _, l10, e10), (n100, _, l100, e100) = sizes["10"], sizes["100"]
+    assert e10 == e100 and abs(l10 - l100) <= 3 and abs(n10 - n100) < 600, sizes
+    # a zero interval: a line after every batch but the last of each epoch, in run.out and in run.log
+    monkeypatch.setenv("CRYOSPIN_PROGRESS_INTERVAL_S", "0")
+    job = add_external(project, dict(TINY, batch_size="10"))
+    run_jobs(project, job)
+    out, err = _progress_files(project / job)
+    batch_lines = re.findall(r"^epoch \d+/\d+ stage \d box \d+: batch (\d+)/20 .*ETA", out, re.M)
+    assert len(batch_lines) >= 2 * 19 and "19" in batch_lines and "20" not in batch_lines, out
+    assert len(re.findall(r": batch \d+/20 ", (project / job / "run.log").read_text())) == len(batch_lines)
+    print(f"run.out/run.err bytes, lines, epochs by batch size: {sizes}; "
+          f"interval 0: run.out {len(out)} bytes, {len(batch_lines)} batch lines, run.err {len(err)} bytes")
 
 
 @relion_test
