@@ -337,10 +337,9 @@ class AbinitConfig:
 
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
-            from cryospin_relion.io.atomic import atomic_path
+            from cryospin_relion.io.atomic import write_text
 
-            with atomic_path(path) as tmp:
-                Path(tmp).write_text(text)
+            write_text(path, text)
         return text
 
 

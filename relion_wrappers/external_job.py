@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from cryospin_relion.cli import command_argv
+from cryospin_relion.lifecycle.checkpoint import CHECKPOINT, checkpoint_exists
 from relion_wrappers.nodes import OUTPUT_NODES, pipeline_version, write_output_nodes
 from relion_wrappers.protocol import (
     EXIT_ABORTED, EXIT_FAILURE, EXIT_SUCCESS, ProtocolError, clear_stale_exit_files,
@@ -152,9 +153,8 @@ def build_command(argv: Sequence[str], known: dict[str, bool], base: Sequence[st
     resume = params.get("continue")
     options = params_to_options(params, known)
     outdir = args.outdir
-    if resume is None and "continue" in known and any((Path(outdir) / n).is_file()
-                                                      for n in ("checkpoint.pt", "checkpoint.prev.pt")):
-        _say(f"note: {outdir}checkpoint.pt found: resuming from it (set the parameter continue = no to start over)")
+    if resume is None and "continue" in known and checkpoint_exists(Path(outdir) / CHECKPOINT):
+        _say(f"note: {outdir}{CHECKPOINT} found: resuming from it (set the parameter continue = no to start over)")
         options.append("--continue")
     if "json-summary" in known and "json-summary" not in {o[2:] for o in options if o.startswith("--")}:
         options += ["--json-summary", outdir + "summary.json"]

@@ -181,10 +181,9 @@ def main(args) -> int:
     out["seconds"] = round(time.perf_counter() - t0, 2)
     text = json.dumps(out, indent=2)
     if args.json:
-        from cryospin_relion.io.atomic import atomic_path
+        from cryospin_relion.io.atomic import write_text
 
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(text + "\n")
+        write_text(args.json, text + "\n")
     if not args.quiet:
         print(text)
     return 0

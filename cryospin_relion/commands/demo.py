@@ -189,10 +189,9 @@ def main(args) -> int:
                                      "view_median": round(p["view_error_deg"]["median"], 2)}
         if "shift_error_A" in p:
             summary["shift_error_A_median"] = round(p["shift_error_A"]["median"], 2)
-    from cryospin_relion.io.atomic import atomic_path
+    from cryospin_relion.io.atomic import write_text
 
-    with atomic_path(out / "demo_summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out / "demo_summary.json", json.dumps(summary, indent=2) + "\n")
 
     rows = [("particles", f"{n} x {box}^2 px, {apix} A/px, SNR {snr}"),
             ("FSC 0.5 vs truth", f"{cmp['fsc_0.5_A']:.2f} A (target <= {target:.2f} A = 2.5 x Nyquist "

@@ -100,10 +100,9 @@ def main(args) -> int:
     summary["source"] = args.map or args.model
     text = json.dumps(summary, indent=2, default=str)
     if args.json:
-        from cryospin_relion.io.atomic import atomic_path
+        from cryospin_relion.io.atomic import write_text
 
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(text + "\n")
+        write_text(args.json, text + "\n")
     if not args.quiet:
         print(text)
     sys.stdout.flush()

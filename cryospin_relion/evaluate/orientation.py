@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from cryospin_relion.geometry.fourier import fft3_centered
-from cryospin_relion.geometry.fsc import resolution_at
+from cryospin_relion.geometry.fsc import fsc, resolution_at
+from cryospin_relion.geometry.rotations import view_directions
 
 __all__ = [
     "EFFICIENCY_WARN_BELOW",
@@ -60,7 +61,7 @@ def as_view_directions(poses) -> np.ndarray:
     p = poses.detach().cpu().numpy() if isinstance(poses, torch.Tensor) else np.asarray(poses)
     p = p.astype(np.float64)
     if p.ndim == 3 and p.shape[1:] == (3, 3):
-        d = p[:, 2, :]
+        d = view_directions(p)
     elif p.ndim == 2 and p.shape[1] == 3:
         d = p
     else:
@@ -221,9 +222,7 @@ def directional_fsc(half1, half2, directions: np.ndarray | None = None, *, n_dir
     def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         return np.where(den > 0, num / np.maximum(den, 1e-300), 0.0)
 
-    # the whole shell: used where a cone holds fewer than min_voxels voxels (low shells)
-    total = ratio(np.bincount(shell, cross, nshell),
-                  np.sqrt(np.bincount(shell, p1, nshell) * np.bincount(shell, p2, nshell)))
+    total = fsc(v1, v2).numpy()  # the whole shell: where a cone holds fewer than min_voxels voxels (low shells)
     out = np.ones((len(u), nshell), dtype=np.float64)
     for j, uj in enumerate(u):
         m = np.abs(khat @ uj) >= cos_a

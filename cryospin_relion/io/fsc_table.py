@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cryospin_relion.geometry.fsc import shell_resolution
-from cryospin_relion.io.atomic import atomic_path
+from cryospin_relion.io.atomic import write_text
 
 __all__ = ["write_fsc", "read_fsc"]
 
@@ -23,8 +23,7 @@ def write_fsc(path: str | Path, curve: np.ndarray, box: int, apix: float) -> Non
     lines = ["# shell resolution_A FSC"]
     for s, (r, c) in enumerate(zip(res, curve)):
         lines.append(f"{s:d} {'inf' if not np.isfinite(r) else f'{r:.4f}'} {float(c):.6f}")
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def read_fsc(path: str | Path) -> tuple[np.ndarray, int, float]:

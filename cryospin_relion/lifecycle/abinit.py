@@ -23,10 +23,11 @@ from cryospin_relion import CITATION, __version__
 from cryospin_relion.config import AbinitConfig
 from cryospin_relion.errors import InputError
 from cryospin_relion.io.atomic import write_json
+from cryospin_relion.io.overwrite import same_file
+from cryospin_relion.io.particles import ParticleTable
 from cryospin_relion.lifecycle.checkpoint import (CHECKPOINT, TimedCheckpoints, checkpoint_exists, input_fingerprint,
                                                   load_for_resume, save_checkpoint)
 from cryospin_relion.lifecycle.console import close_log, open_log, run_progress
-from cryospin_relion.io.overwrite import same_file
 from cryospin_relion.lifecycle.outputs import (add_orientation_summary, final_table, output_files, write_final_outputs,
                                                 write_report)
 from cryospin_relion.lifecycle.pose_error import PoseErrorLog, load_true_rotations
@@ -80,10 +81,10 @@ def run_abinit(req: AbinitRequest) -> int:
 class _Plan:
     """What the checks found: the particles, the effective config (with the working box), the device."""
 
-    table: object  # io.particles.ParticleTable
+    table: ParticleTable
     config: AbinitConfig
     device: torch.device
-    warnings: tuple[str, ...] = ()  # validate.check_particles' warnings, one line each
+    warnings: tuple[str, ...] = ()  # one line each: validate.check_particles' and the working box's
 
 
 def _check(req: AbinitRequest) -> _Plan:
@@ -115,6 +116,8 @@ def _check(req: AbinitRequest) -> _Plan:
     if req.json_summary is not None:
         outputs["--json-summary"] = [req.json_summary]
     refuse_overwriting(outputs, inputs)
+    if cfg.data.box is not None and cfg.data.box > box:
+        warned += (f"--box {cfg.data.box} is larger than the images ({table.box} px): working box {box}",)
     return _Plan(table, cfg.with_box(box), device, warned)  # config.yaml records the effective working box
 
 
@@ -141,10 +144,7 @@ class _Run:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         box = cfg.data.box
-        self.box_note = None
-        if req.config.data.box is not None and req.config.data.box > box:
-            self.box_note = f"--box {req.config.data.box} is larger than the images ({table.box} px): working box {box}"
-            log.info(f"warning: {self.box_note}")
+        self.warnings = plan.warnings  # logged above, and in the summary
         had_config = (out / "config.yaml").is_file()
         cfg.to_yaml(out / "config.yaml")
         log.info(f"cryospin abinit: {len(table)} particles from {req.input}, input box {table.box}, working box {box}, "
@@ -227,8 +227,8 @@ class _Run:
             **h.stage_seconds(), "final_outputs_s": total - t_train, "device": str(device),
             "outputs": sorted(p.name for p in out.iterdir() if not p.name.startswith(".")),
         }
-        if self.box_note:
-            summary["warnings"] = [self.box_note]
+        if self.warnings:
+            summary["warnings"] = list(self.warnings)
         add_orientation_summary(summary, result, log)
         write_report(out, result, hist, summary, log)
         if req.json_summary:

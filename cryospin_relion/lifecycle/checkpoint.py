@@ -27,8 +27,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
 from cryospin_relion.config import AbinitConfig
 from cryospin_relion.errors import InputError
 from cryospin_relion.io.atomic import atomic_path
@@ -54,6 +52,8 @@ def resume_mismatch(state: dict, cfg: AbinitConfig, fingerprint: dict) -> str:
 
 def save_checkpoint(path: Path, engine_state: dict, fingerprint: dict, pose_error: list | None) -> None:
     """Write the newest checkpoint; the one it replaces becomes ``checkpoint.prev.pt``."""
+    import torch  # here, so that the names and checkpoint_exists need no torch (the RELION job imports them)
+
     with atomic_path(path) as tmp:
         torch.save({"engine": engine_state, "input": fingerprint, "pose_error": pose_error}, tmp)
         if path.exists():
@@ -67,6 +67,8 @@ def checkpoint_exists(path: Path) -> bool:
 
 def read_checkpoint(path: Path) -> dict:
     """The checkpoint at ``path``; ValueError saying what is wrong when it cannot be used at all."""
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, empty, text, not a zip: all the ways a file can be damaged
