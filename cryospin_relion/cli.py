@@ -19,11 +19,16 @@ from cryospin_relion.errors import InputError
 
 # the commands, in the order ``cryospin --help`` lists them
 COMMANDS = ("abinit", "reconstruct", "project", "convert", "info", "simulate", "compare", "demo", "flip-hand",
-            "report")
+            "report", "select")
 
 
-def command_argv(name: str) -> list[str]:
-    """argv that runs ``cryospin NAME`` in a fresh Python with this interpreter (no PATH lookup)."""
+def command_argv(name: str, ranks: int = 1) -> list[str]:
+    """argv that runs ``cryospin NAME`` in a fresh Python with this interpreter (no PATH lookup); with
+    ``ranks`` > 1, as that many data-parallel processes on this machine under torchrun (one per GPU when
+    there are GPUs: engine/distributed.py)."""
+    if ranks > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+                "-m", "cryospin_relion.cli", name]
     return [sys.executable, "-m", "cryospin_relion.cli", name]
 
 

@@ -143,6 +143,9 @@ class OptimConfig:
     lr_decoder_decay: float = opt(0.8, "stage-1 volume learning-rate factor per epoch (default {default})",
                                   flag=True, metavar="F", group=GROUP_SEARCH)  # box 32: 10.3 -> 9.3 deg
     lr_decoder_stage2: float = opt(1e-2, "stage-2 volume lr (reference 2e-3; raised like lr_decoder)")
+    # per particle visit, not per step (engine/schedule.py stage2_lr_decoder): 50,000 particles diverge at 1e-2
+    stage2_lr_particles: int = opt(10000, "above this many particles the stage-2 volume lr falls as 1/N, so the "
+                                   "volume moves as much per epoch at any N (0 = a constant lr)")
     lr_pose: float = opt(0.05, "stage-2 rotation perturbation lr, radians (reference)")
     lr_shift: float = opt(0.05, "stage-2 shift lr, working-box pixels")
     pose_betas: list[float] = opt([0.9, 0.9], "Adam betas of the per-particle poses (reference)")
@@ -198,6 +201,9 @@ class RunConfig:
     device: Device = opt("auto", "compute device (default auto)", flag=True, resumable=True)
     threads: int = opt(0, "CPU threads (default: torch's default)", flag="j", metavar="N", resumable=True)
     flip_hand: bool = opt(False, "mirror the result (maps and poses)", flag=True, resumable=True)
+    sym: str = opt("C1", "point group of the final maps, RELION's names and axes: C1, Cn, Dn, T, O, I (= I2), "
+                   "I1..I4; the C1 result is rotated into that frame and backprojected with the symmetry "
+                   "(default {default})", flag=True, resumable=True)
     checkpoint_minutes: float = opt(10.0, "also checkpoint mid-epoch after this many minutes (0 = epochs only)",
                                     resumable=True)
 
@@ -302,6 +308,12 @@ class AbinitConfig:
         for name in ("mask_radius", "c2f_start"):
             if not 0 < d[name] <= 1.0:
                 bad(name, "must be in (0, 1]")
+        from cryospin_relion.geometry.symmetry import parse_symmetry  # numpy only; the names live there
+
+        try:
+            parse_symmetry(d["sym"])
+        except InputError:
+            bad("sym", "is not a point group: use C1, Cn, Dn (n >= 1), T, O, I (= I2) or I1..I4")
         if d["mw_kda"] is not None and not 0 < d["mw_kda"] < float("inf"):
             bad("mw_kda", "must be a molecular weight in kDa > 0")
         if len(d["pose_betas"]) != 2 or not all(0 <= b < 1 for b in d["pose_betas"]):

@@ -130,6 +130,7 @@ def reconstruct_halves(
     seed: int = 0,
     mask_outside: bool = True,
     progress: bool = True,
+    symmetry: np.ndarray | None = None,
 ) -> HalfMaps:
     """Direct Fourier reconstruction of the two half sets and of all particles.
 
@@ -157,6 +158,10 @@ def reconstruct_halves(
             map before the FSC, as relion_reconstruct does; with it our maps agree
             with relion_reconstruct --ctf to FSC > 0.99 on noisy data.
         progress: show progress (a tqdm bar at a terminal, plain lines otherwise; cryospin_relion/console.py).
+        symmetry: (G, 3, 3) point-group operators S (``geometry.symmetry.symmetry_operators``): every
+            image is inserted once at each pose A @ S (the poses that give the same image of a map
+            with V(S r) = V(r)), so all maps come out symmetric. None or the identity alone: C1,
+            the same sums as without it.
     Returns:
         HalfMaps(map, half1, half2, fsc, resolution); voxel size = ``output_apix``.
     """
@@ -187,6 +192,11 @@ def reconstruct_halves(
 
     if batch_size is None:
         batch_size = int(min(8192, max(64, (1 << 25) // (m * m))))
+    ops: list = [None]  # C1: the poses as they are
+    if symmetry is not None:
+        sym = torch.as_tensor(np.asarray(symmetry, dtype=np.float64)).reshape(-1, 3, 3)
+        if not (sym.shape[0] == 1 and torch.equal(sym[0], torch.eye(3, dtype=torch.float64))):
+            ops = list(sym)
     accs = {1: Accumulator.zeros(n, pad, device=dev), 2: Accumulator.zeros(n, pad, device=dev)}
     from cryospin_relion.console import progress_bar
 
@@ -207,9 +217,10 @@ def reconstruct_halves(
                 r = rows[sel]
                 ap = torch.as_tensor(apix_all[r], dtype=torch.float64)
                 t = origin_to_translation(torch.as_tensor(sh[r], dtype=torch.float64), ap)
-                insert_images(accs[h], imgs[torch.as_tensor(sel, device=dev)],
-                              torch.as_tensor(rot[r], dtype=torch.float64), t, ap,
-                              None if ctf is None else ctf[torch.as_tensor(r)], threads=threads)
+                A = torch.as_tensor(rot[r], dtype=torch.float64)
+                for S in ops:  # one pass per operator: G copies of a batch would not fit in memory
+                    insert_images(accs[h], imgs[torch.as_tensor(sel, device=dev)], A if S is None else A @ S, t, ap,
+                                  None if ctf is None else ctf[torch.as_tensor(r)], threads=threads)
             bar.update(len(rows))
 
     finish = soft_mask_outside if mask_outside else (lambda v: v)

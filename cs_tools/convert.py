@@ -299,9 +299,10 @@ def result_particles(outputs: AbinitOutputs, input_ds: Dataset) -> Dataset:
 
 
 def abinit_command(particles_cs: str | os.PathLike, outdir: str | os.PathLike,
-                   extra: Iterable[str] = ()) -> list[str]:
-    """argv running ``cryospin abinit`` on ``particles_cs`` in a fresh Python (``cli.command_argv``)."""
-    return [*command_argv("abinit"), "--i", str(particles_cs), "--o", str(outdir), *[str(a) for a in extra]]
+                   extra: Iterable[str] = (), gpus: int = 1) -> list[str]:
+    """argv running ``cryospin abinit`` on ``particles_cs`` in a fresh Python (``cli.command_argv``); with
+    ``gpus`` > 1 as that many data-parallel ranks under torchrun."""
+    return [*command_argv("abinit", gpus), "--i", str(particles_cs), "--o", str(outdir), *[str(a) for a in extra]]
 
 
 def run_command(cmd: Sequence[str], log: Callable[[str], None] = print, cwd: str | os.PathLike | None = None,

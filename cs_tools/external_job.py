@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lane", default=None,
                    help="accepted for symmetry with other jobs; External jobs run where this command runs, "
                         "so it is only logged")
+    g.add_argument("--gpus", type=int, default=1, metavar="G",
+                   help="run cryospin abinit on G GPUs of this machine, one data-parallel rank each (torchrun; "
+                        "G CPU processes without GPUs) (default: %(default)s)")
     g.add_argument("--workdir", default=None,
                    help="local folder for the exported particles and abinit outputs "
                         "(default: ./cryospin_<project>_<job>)")
@@ -231,8 +234,9 @@ def run_job(args: argparse.Namespace, extra: list[str], server: ModuleType | Non
         in_cs = save_cs(local, workdir / "input_particles.cs")
         outdir = workdir / "abinit"
         summary = workdir / "summary.json"
-        cmd = convert.abinit_command(in_cs, outdir, abinit_args(args, extra) + ["--json-summary", str(summary)])
-        log("running: cryospin abinit " + " ".join(cmd[4:]))
+        cmd = convert.abinit_command(in_cs, outdir, abinit_args(args, extra) + ["--json-summary", str(summary)],
+                                     gpus=args.gpus)
+        log("running: " + " ".join(cmd))
         convert.run_command(cmd, log=log, cwd=workdir, log_every=10.0)
         if summary.is_file():
             try:

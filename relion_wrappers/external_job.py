@@ -11,7 +11,9 @@ in a name (``epochs_amortized`` -> ``--epochs-amortized``). Only options that
 ``cryospin abinit`` knows are accepted (the job fails with the list of valid
 names otherwise); ``--i``, ``--o`` and ``--j`` are set by the wrapper. On/off
 options (e.g. ``quiet``) take an empty value or yes/true/1 (on) or no/false/0
-(off). ``--in_3dref``, ``--in_mask`` and the other RELION inputs are accepted and
+(off). The parameter ``gpus`` (default 1) runs the engine as that many
+data-parallel ranks on this machine under torchrun (one per GPU; CPU processes
+without GPUs). ``--in_3dref``, ``--in_mask`` and the other RELION inputs are accepted and
 ignored (ab initio needs no reference).
 
 The job folder then holds what ``cryospin abinit`` writes (map.mrc,
@@ -150,6 +152,9 @@ def build_command(argv: Sequence[str], known: dict[str, bool], base: Sequence[st
     if clash:
         raise JobFailed("\n".join(clash), code=2)
     params = dict(args.params)
+    gpus = _gpus(params.pop("gpus", "1"))
+    if gpus > 1:  # the engine as gpus data-parallel ranks under torchrun (engine/distributed.py)
+        base = [base[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus), *base[1:]]
     resume = params.get("continue")
     options = params_to_options(params, known)
     outdir = args.outdir
@@ -160,6 +165,17 @@ def build_command(argv: Sequence[str], known: dict[str, bool], base: Sequence[st
         options += ["--json-summary", outdir + "summary.json"]
     cmd = list(base) + ["--i", parts, "--o", outdir.rstrip("/"), "--j", str(args.threads)] + options
     return outdir, cmd
+
+
+def _gpus(value: str) -> int:
+    """The job parameter ``gpus``: how many GPUs (data-parallel ranks) the run uses, 1 = one process."""
+    try:
+        n = int(value.strip() or "1")
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise JobFailed(f"parameter 'gpus' must be a whole number >= 1, not '{value}'", code=2)
+    return n
 
 
 def register_outputs(outdir: str) -> list[tuple[str, str]]:

@@ -77,7 +77,7 @@ def test_flags_and_resumable_set_come_from_the_fields():
     a = p.parse_args(["--i", "x", "--o", "y"])
     assert a.auto_switch is None and a.invert is None  # an absent flag leaves YAML / defaults alone
     assert RESUMABLE == {"epochs_amortized", "epochs_autodecode", "device", "threads", "flip_hand",
-                         "checkpoint_minutes", "mw_kda"}
+                         "checkpoint_minutes", "mw_kda", "sym"}
     assert AbinitConfig().with_box(32).resume_changes(AbinitConfig().override(epochs_autodecode=9).to_dict()) == \
         ["box"]
 

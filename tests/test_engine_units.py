@@ -329,10 +329,10 @@ def test_stage1_subset_and_first_poses_of_the_others(tiny):
     seen = []
     orig = eng.batch
 
-    def spy(idx, crop):
+    def spy(idx, crop, images=None):
         if eng.stage == 1 and eng.resumable:
             seen.append(idx.clone())
-        return orig(idx, crop)
+        return orig(idx, crop, images)
 
     eng.batch = spy
     assert eng.run() == "done"

@@ -57,7 +57,8 @@ def _inputs(n_poses: int = 300) -> dict:
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     directional = DirectionalResolution(dirs, np.ones((8, n // 2 + 1)), np.linspace(6.0, 9.0, 8), 20.0)
     return dict(fsc=fsc, apix=3.0, box=n, history=history, rotations=rotations, volume=volume,
-                pose_error_history=pose_err, orientation={"efficiency": 0.42, "directional": directional})
+                pose_error_history=pose_err, orientation={"efficiency": 0.42, "directional": directional},
+                scores={"confidence": rng.uniform(0, 1, 50), "cutoff": 0.4, "loss": rng.uniform(0.5, 1, 50)})
 
 
 def test_full_report_writes_pdf_and_pngs(tmp_path):
@@ -65,7 +66,7 @@ def test_full_report_writes_pdf_and_pngs(tmp_path):
     out = make_report(tmp_path / "rep", summary={"resolution (A)": 7.5, "particles": 300, "output": "Job001/x.mrc"}, **inp)
     assert set(out) == {"pdf", *PNG_NAMES}
     assert out["pdf"] == tmp_path / "rep" / PDF_NAME
-    assert _pdf_pages(out["pdf"]) == 1 + 7  # title + seven figures
+    assert _pdf_pages(out["pdf"]) == 1 + 8  # title + eight figures
     for key, name in PNG_NAMES.items():
         assert out[key].name == name and _is_png(out[key])
     assert _leftovers(tmp_path / "rep") == []

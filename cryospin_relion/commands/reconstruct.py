@@ -16,6 +16,9 @@ As relion_reconstruct does, every map is flattened outside a sphere of
 diameter = box (3 px raised-cosine edge) to suppress corner noise.
 With --box smaller than the images they are Fourier-cropped and the voxel size
 grows accordingly.
+With --sym (RELION's point-group names and axes, e.g. C4, D7, T, O, I; as
+relion_reconstruct --sym) every image is also inserted at each of its
+symmetry-equivalent poses A @ S, so the half maps and the map are symmetric.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random half split when the input has none")
     parser.add_argument("--no-outside-mask", dest="outside_mask", action="store_false",
                         help="do not flatten the maps outside a sphere of diameter = box (relion_reconstruct does)")
+    parser.add_argument("--sym", default="C1",
+                        help="point group in RELION's frame: C1, Cn, Dn, T, O, I (= I2) or I1..I4 (default C1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -106,6 +111,9 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"--tau {args.tau}: must be > 0")
     if args.batch is not None and args.batch < 1:
         raise InputError(f"--batch {args.batch}: must be at least 1")
+    from cryospin_relion.geometry.symmetry import parse_symmetry, symmetry_operators
+
+    sym = parse_symmetry(args.sym)
     device = resolve_device(args.device)
     out = Path(args.o)
     _check_output_dir(out)
@@ -137,10 +145,11 @@ def main(args: argparse.Namespace) -> int:
         pre = 0 if table.ctf.premultiplied is None else int(table.ctf.premultiplied.sum())
         ctf_note += f", {pre} CTF-premultiplied images" if pre else ""
         ctf_note += ", phase-flipped images" if table.ctf.phase_flipped and pre < len(table) else ""
-    print(f"reconstructing {len(table)} particles ({ctf_note}) at {box} px, {apix:.4g} A/px", flush=True)
+    sym_note = "" if sym == "C1" else f", symmetry {sym} ({len(symmetry_operators(sym))} operators)"
+    print(f"reconstructing {len(table)} particles ({ctf_note}) at {box} px, {apix:.4g} A/px{sym_note}", flush=True)
     res = reconstruct_halves(src, table, box=box, use_ctf=not args.no_ctf, tau=args.tau, batch_size=args.batch,
                              device=device, threads=args.j, seed=args.seed, mask_outside=args.outside_mask,
-                             progress=not args.quiet)
+                             progress=not args.quiet, symmetry=None if sym == "C1" else symmetry_operators(sym))
 
     ensure_writable_dir(out / "map.mrc")
     write_mrc(out / "half1_map.mrc", res.half1, apix)

@@ -163,14 +163,22 @@ def _cache_key(table: ParticleTable, box: int, invert: bool) -> str:
             "mtime_ns": st.st_mtime_ns if st else -1, "box": int(box), "invert": bool(invert),
             "n": len(table), "orig_box": int(table.box), "sign": float(table.sign), "stacks": stacks}
     h.update(json.dumps(head, sort_keys=True).encode())
-    h.update(np.ascontiguousarray(codes, dtype=np.int64).tobytes())
-    h.update(np.ascontiguousarray(table.stack_indices, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(codes, dtype=np.int64))  # the buffer itself: no copy of N rows
+    h.update(np.ascontiguousarray(table.stack_indices, dtype=np.int64))
     return h.hexdigest()
 
 
+CHUNK_BYTES = 16 * 2**20  # input images per step of the cache build: its memory does not grow with N
+
+
 def build_cache(table: ParticleTable, out_dir: str | os.PathLike, box: int, invert: bool = False,
-                chunk: int = 1024, progress: bool = True) -> CachedStack:
+                chunk: int | None = None, progress: bool = True) -> CachedStack:
     """Fourier-crop, sign-correct and normalise every particle image into ``out_dir/cache_{box}.npy``.
+
+    The images are read, transformed and written ``chunk`` at a time (default: CHUNK_BYTES of input
+    images, 256 at box 128) into a memory-mapped .npy, so the memory used is independent of the number
+    of particles (bench/io_scale.py measures it); each image is processed on its own, so the result
+    does not depend on ``chunk``.
 
     A JSON sidecar ``cache_{box}.json`` stores a hash of the inputs (source file
     path/size/mtime, stacks' sizes/mtimes, rows, box, invert, N); a rerun with the
@@ -197,6 +205,7 @@ def build_cache(table: ParticleTable, out_dir: str | os.PathLike, box: int, inve
     side.unlink(missing_ok=True)
     src = ImageSource(table)
     orig_box = src.box
+    chunk = chunk or max(1, CHUNK_BYTES // (4 * orig_box * orig_box))
     factor = np.float32(-1.0 if invert else 1.0)
     from cryospin_relion.console import progress_bar
 

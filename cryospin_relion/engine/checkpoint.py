@@ -52,7 +52,10 @@ def restore_engine(eng, d: dict) -> None:
     eng.table.load_state_dict(d["pose_table"])
     eng.memory.load_state_dict(d["memory"])
     eng.prev_R = None if d["prev_R"] is None else d["prev_R"].to(eng.device)
-    eng.epoch, eng.stage, eng.batch_pos, eng.done = d["epoch"], d["stage"], d["batch_pos"], d["done"]
+    eng.epoch, eng.stage, eng.batch_pos = d["epoch"], d["stage"], d["batch_pos"]
     eng.trial = int(d["trial"])
     eng.tally = EpochTally.from_state(d["tally"])
     eng.history = History.from_state(d["history"])
+    # recomputed, not read: --continue may lengthen a finished run (epochs_autodecode is resumable)
+    sw = eng.history.switch_epoch
+    eng.done = eng.stage == 2 and sw is not None and eng.epoch >= sw + eng.cfg.schedule.epochs_autodecode

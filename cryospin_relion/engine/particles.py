@@ -3,10 +3,19 @@
 Images stay where the caller keeps them (a numpy memory map of the cached
 working stack, or a tensor); a batch is read in sorted row order (sequential on
 disk) and moved to the device. ``batch`` prepares the forward model's inputs
-(engine/forward.py).
+(engine/forward.py). ``prefetch`` reads the next batches' images in a background
+thread while the current one computes (memory maps of a million images do not fit
+in memory; reading then overlaps compute instead of adding to it).
+
+Per-particle state here, on the device: pixel size and CTF (at most 9 float32 + 1 bool = 41 bytes;
+values that are equal for all particles, such as voltage or Cs, are stored once).
 """
 
 from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -16,6 +25,17 @@ from cryospin_relion.engine.forward import Batch, ctf_cropped, prepare_batch
 from cryospin_relion.geometry.ctf import CTF
 from cryospin_relion.geometry.fourier import fourier_crop_2d, ht2_centered
 from cryospin_relion.model.volume import radial_profile_2d
+
+
+def _shared_if_constant(v: Tensor) -> Tensor:
+    """(N,) per-particle values; one stored value expanded to (N,) (stride 0) when all are equal.
+
+    Why: voltage, Cs, amplitude contrast, pixel size (and often phase shift, B-factor, scale) are per
+    optics group, mostly one value for all particles: 4 bytes each per particle saved at a million
+    particles, and indexing gives the same (B,) values."""
+    if v.ndim == 1 and v.shape[0] > 1 and bool((v == v[0]).all()):
+        return v[:1].clone().expand(v.shape[0])  # clone: not a view that keeps the (N,) storage alive
+    return v.contiguous()
 
 
 class ParticleImages:
@@ -28,28 +48,47 @@ class ParticleImages:
             raise ValueError("the working box must be even")
         self.device = torch.device(device)
         ap = torch.as_tensor(apix_work, dtype=torch.float32)
-        self.apix = (ap.expand(self.N) if ap.ndim == 0 else ap).to(self.device).contiguous()
-        self.ctf = None if ctf is None else ctf.to(self.device, torch.float32)
+        self.apix = _shared_if_constant((ap.expand(self.N) if ap.ndim == 0 else ap).to(self.device))
+        self.ctf = None if ctf is None else ctf.to(self.device, torch.float32).map(_shared_if_constant)
 
     def __len__(self) -> int:
         return self.N
 
-    def load(self, idx: Tensor) -> Tensor:
-        """Images (B, n, n) float32 on the device, in the order of ``idx`` (a CPU index tensor)."""
-        ii = idx.numpy()
+    def read(self, idx: Tensor, pin: bool = False) -> Tensor:
+        """Images (B, n, n) float32 on the host, in the order of ``idx`` (a CPU index tensor); ``pin``: in
+        pinned memory when the device is CUDA (so that the copy to it can be asynchronous)."""
         if isinstance(self.images, Tensor):
-            x = self.images[idx]
+            x = self.images[idx].to(torch.float32)
         else:
+            ii = idx.numpy()
             x = torch.from_numpy(np.ascontiguousarray(np.asarray(self.images[np.sort(ii)]), dtype=np.float32))
             x = x[torch.from_numpy(np.argsort(np.argsort(ii)))]  # back to idx order
-        return x.to(device=self.device, dtype=torch.float32)
+        return x.pin_memory() if pin and self.device.type == "cuda" and x.device.type == "cpu" else x
 
-    def batch(self, idx: Tensor, crop: int, mask_radius: float, encoder_box: int | None = None) -> Batch:
+    def load(self, idx: Tensor) -> Tensor:
+        """Images (B, n, n) float32 on the device, in the order of ``idx`` (a CPU index tensor)."""
+        return self.read(idx).to(device=self.device, dtype=torch.float32)
+
+    def prefetch(self, batches: Sequence[Tensor], depth: int = 2) -> "Prefetcher":
+        """The images of each index tensor of ``batches``, in order, read ahead in a background thread
+        (``Prefetcher``): equal to ``load(idx)`` for each ``idx``. Use as a context manager, so that an
+        early exit stops the thread::
+
+            with data.prefetch(batches) as ready:
+                for idx, images in zip(batches, ready):
+                    b = data.batch(idx, crop, mask_radius, encoder_box, images=images)
+        """
+        return Prefetcher(self, batches, depth)
+
+    def batch(self, idx: Tensor, crop: int, mask_radius: float, encoder_box: int | None = None,
+              images: Tensor | None = None) -> Batch:
         """The forward model's batch at Fourier box ``crop``; ``encoder_box``: the encoder's input images are
-        Fourier-cropped to it (None = the working box)."""
+        Fourier-cropped to it (None = the working box). ``images``: the batch's images already on the device
+        (from ``prefetch``); None reads them now."""
+        images = self.load(idx.cpu()) if images is None else images
         idx = idx.to(self.device)
         ctf = None if self.ctf is None else self.ctf[idx]
-        b = prepare_batch(idx, self.load(idx.cpu()), self.apix[idx], ctf, crop, mask_radius)
+        b = prepare_batch(idx, images, self.apix[idx], ctf, crop, mask_radius)
         if encoder_box is not None and encoder_box < self.box:
             b.images = fourier_crop_2d(b.images, encoder_box)
         return b
@@ -67,3 +106,86 @@ class ParticleImages:
             c = ctf_cropped(self.box, self.box, self.apix[di], self.ctf[di])
             prof = prof / radial_profile_2d(c).cpu().clamp_min(0.1)
         return prof
+
+
+class Prefetcher:
+    """Iterator over the device images of a list of index tensors, read ``depth`` batches ahead.
+
+    A background thread reads each batch from the host images (``ParticleImages.read``: sorted rows of the
+    memory map, pinned memory on CUDA) and, on CUDA, copies it to the device on its own stream
+    (non-blocking) and waits for that copy, so a batch handed out is complete; the main thread's compute
+    (torch releases the GIL) runs meanwhile. The result equals ``ParticleImages.load``, in the order given.
+    An error in the thread is raised by ``next``. ``close`` (or leaving the ``with`` block) stops the thread.
+    """
+
+    _DONE = object()
+
+    def __init__(self, data: ParticleImages, batches: Sequence[Tensor], depth: int = 2):
+        self.data, self.batches = data, list(batches)
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
+        self._stop = threading.Event()
+        self._cuda = data.device.type == "cuda"
+        self._thread = threading.Thread(target=self._work, name="cryospin-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self) -> None:
+        try:
+            stream = torch.cuda.Stream(self.data.device) if self._cuda else None
+            for idx in self.batches:
+                if self._stop.is_set():
+                    return
+                x = self.data.read(idx.cpu(), pin=stream is not None)
+                if stream is not None:
+                    with torch.cuda.stream(stream):
+                        x = x.to(self.data.device, non_blocking=True)
+                    stream.synchronize()  # handed out complete: the consumer needs no stream sync
+                else:
+                    x = x.to(self.data.device)
+                if not self._put(x):
+                    return
+        except BaseException as e:  # handed to the consumer, raised by next()
+            self._put(e)
+            return
+        self._put(self._DONE)
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self) -> Tensor:
+        if self._stop.is_set():
+            raise StopIteration
+        item = self._queue.get()
+        if item is self._DONE:
+            self._stop.set()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        if self._cuda:  # allocated on the copy stream, used on the consumer's
+            item.record_stream(torch.cuda.current_stream(self.data.device))
+        return item
+
+    def close(self) -> None:
+        """Stop the thread (pending batches are dropped)."""
+        self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join()
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -33,6 +33,12 @@ amortised inference the method is built on) seed the pose search against the
 current volume (``_assign_unvisited``).
 
 Coarse-to-fine, batch order and seeds: engine/schedule.py.
+
+Data parallel (``world``, engine/distributed.py): every rank runs this same
+schedule and computes, of each global batch, the rows it owns; gradients are
+summed over the ranks before each step, the epoch's figures are summed after each
+batch, and the per-particle tables are merged at each epoch end, after the
+first-pose pass and on ``sync()`` (before a checkpoint).
 """
 
 from __future__ import annotations
@@ -49,13 +55,14 @@ from torch import Tensor
 
 from cryospin_relion.config import AbinitConfig
 from cryospin_relion.engine.checkpoint import engine_state, restore_engine
+from cryospin_relion.engine.distributed import ALONE, World
 from cryospin_relion.engine.forward import Batch
 from cryospin_relion.engine.history import WINNER_SOURCES, EpochRecord, EpochTally, History, TrialsRecord, epoch_line
 from cryospin_relion.engine.models import Models
 from cryospin_relion.engine.particles import ParticleImages
 from cryospin_relion.engine.progress import NoProgress, Progress
 from cryospin_relion.engine.schedule import (FIRST_POSE_BATCH0, Seeds, crop_for_epoch, epoch_batches, should_switch,
-                                             stage1_cap, stage1_lr_decoder, trial_epochs)
+                                             stage1_cap, stage1_lr_decoder, stage2_lr_decoder, trial_epochs)
 from cryospin_relion.engine.stage1 import SearchResult, multihead_losses, search_poses, stage1_step
 from cryospin_relion.engine.stage2 import stage2_step
 from cryospin_relion.geometry.ctf import CTF
@@ -72,11 +79,15 @@ class AbinitEngine:
     """The state of one ab-initio run (models, poses, schedule position, history) and its schedule."""
 
     def __init__(self, images, apix_work, ctf: CTF | None, config: AbinitConfig,
-                 device: str | torch.device = "cpu", progress: Progress | None = None):
+                 device: str | torch.device = "cpu", progress: Progress | None = None, world: World = ALONE):
         self.cfg = config
+        self.world = world
         self.device = torch.device(device)
         self.data = ParticleImages(images, apix_work, None if config.data.no_ctf else ctf, self.device)
         self.N, self.box = self.data.N, self.data.box
+        self.touched = torch.zeros(self.N, dtype=torch.bool)  # rows this rank updated since the last sync()
+        if not world.alone and config.schedule.batch_size < 2 * world.size:
+            raise ValueError(f"batch size {config.schedule.batch_size} < 2 x {world.size} ranks")
         self.progress = progress or NoProgress()
         self.seeds = Seeds(config.run.seed)
         self.max_shift = config.model.shift_bound(self.box)
@@ -143,6 +154,8 @@ class AbinitEngine:
 
     def lr_decoder_now(self) -> float:
         o = self.cfg.optim
+        if self.stage == 2:
+            return stage2_lr_decoder(o.lr_decoder_stage2, o.stage2_lr_particles, self.N)
         return stage1_lr_decoder(o.lr_decoder, o.lr_decoder_decay, self.epoch)
 
     @property
@@ -155,8 +168,9 @@ class AbinitEngine:
         """Rows whose current pose is an estimate: the stage-1 subset before the switch, all after."""
         return self.s1_idx if self.stage == 1 else torch.arange(self.N)
 
-    def batch(self, idx: Tensor, crop: int) -> Batch:
-        return self.data.batch(idx, crop, self.cfg.model.mask_radius, self.encoder_box if self.stage == 1 else None)
+    def batch(self, idx: Tensor, crop: int, images: Tensor | None = None) -> Batch:
+        return self.data.batch(idx, crop, self.cfg.model.mask_radius, self.encoder_box if self.stage == 1 else None,
+                               images)
 
     def run(self, should_stop: Callable[[], bool] | None = None,
             on_epoch_end: Callable[["AbinitEngine"], None] | None = None,
@@ -239,38 +253,89 @@ class AbinitEngine:
                             len(batches), self.batch_pos)
         if self.batch_pos == 0 and self.stage == 2:
             self.prev_R = self.table.rotations.clone()
-        if self.stage == 1:
-            for gr in self.models.opt_volume1.param_groups:
-                gr["lr"] = self.lr_decoder_now()
+        opt = self.models.opt_volume1 if self.stage == 1 else self.models.opt_volume2
+        for gr in opt.param_groups:
+            gr["lr"] = self.lr_decoder_now()
+        shares = [self._share(rows) for rows in batches[self.batch_pos:]]
         try:
-            for bi in range(self.batch_pos, len(batches)):
-                t0 = time.perf_counter()
-                b = self.batch(batches[bi], c)
-                if self.stage == 1:
-                    loss, wins, sources = self._stage1_batch(b, bi)
-                else:
-                    o = self.cfg.optim
-                    loss = stage2_step(self.volume, self.table, self.models.opt_volume2, b, o.pose_iters, o.vol_iters,
-                                       self.cfg.model.loss).loss
-                    wins = sources = None
-                self.tally.add(loss, int(b.idx.shape[0]), time.perf_counter() - t0, wins, sources)
-                self.batch_pos = bi + 1
-                self.progress.update(self.tally.loss, self.tally.images_per_s)
-                if self.batch_pos < len(batches) and should_stop():
-                    return False
+            with self.data.prefetch([rows for rows, _ in shares]) as ready:  # reads overlap compute
+                for bi, (rows, dist), images in zip(range(self.batch_pos, len(batches)), shares, ready):
+                    t0 = time.perf_counter()
+                    self.touched[rows] = True  # for the next sync()
+                    b = self.batch(rows, c, images)
+                    n = int(b.idx.shape[0])
+                    if self.stage == 1:
+                        loss, wins, sources = self._stage1_batch(b, bi, dist)
+                    else:
+                        o = self.cfg.optim
+                        loss = stage2_step(self.volume, self.table, self.models.opt_volume2, b, o.pose_iters,
+                                           o.vol_iters, self.cfg.model.loss, denom=None if dist is None else dist[1],
+                                           reduce_grads=None if dist is None else self._sum_volume_grads).loss
+                        wins = sources = None
+                    loss, n, wins, sources = self._sum_batch_figures(loss, n, wins, sources)
+                    self.tally.add(loss, n, time.perf_counter() - t0, wins, sources)
+                    self.batch_pos = bi + 1
+                    self.progress.update(self.tally.loss, self.tally.images_per_s)
+                    if self.batch_pos < len(batches) and should_stop():
+                        return False
         finally:
             self.progress.close()
+        self.sync()
         return True
 
-    def _stage1_batch(self, b: Batch, bi: int) -> tuple[float, list[int], list[int]]:
+    # -- data parallelism (engine/distributed.py) -------------------------------------------------
+    def _share(self, rows: Tensor) -> tuple[Tensor, tuple[Tensor, int] | None]:
+        """This rank's rows of global batch ``rows`` (all when alone), and on a rank of a data-parallel run
+        (their positions in the global batch, its size). The caller marks them in ``touched`` when it
+        updates them."""
+        if self.world.alone:
+            return rows, None
+        pos = self.world.share(len(rows))
+        return rows[pos], (pos, len(rows))
+
+    def sync(self) -> None:
+        """Every particle's row from the rank that updated it to every rank (collective; a no-op alone).
+        After it, every rank's ``state_dict()`` is the whole run's."""
+        w = self.world
+        if w.alone:
+            return
+        count = w.sum_(self.touched.to(torch.int32))
+        for t in (self.memory.rotations, self.memory.shifts, self.table.rotations, self.table.shifts, self.table.m,
+                  self.table.v, self.table.steps):
+            w.merge_rows(t, self.touched, count)
+        self.touched.zero_()
+
+    def _sum_volume_grads(self) -> None:
+        self.world.sum_grads(self.volume.parameters())
+
+    def _sum_model_grads(self) -> None:
+        self.world.sum_grads([*self.encoder.parameters(), *self.volume.parameters()])
+
+    def _sum_batch_figures(self, loss: float, n: int, wins, sources):
+        """This batch's mean loss, image count, head wins and winner sources over all ranks."""
+        w = self.world
+        if w.alone:
+            return loss, n, wins, sources
+        k = 0 if wins is None else len(wins) + len(sources)
+        v = w.sum_floats([loss * n, float(n), *(wins or []), *(sources or [])] if k else [loss * n, float(n)])
+        tot = max(1.0, v[1])
+        if self.stage == 1:
+            m = self.cfg.model.heads
+            return v[0] / tot, int(v[1]), [int(x) for x in v[2:2 + m]], [int(x) for x in v[2 + m:]]
+        return v[0] / tot, int(v[1]), None, None
+
+    def _stage1_batch(self, b: Batch, bi: int, dist: tuple[Tensor, int] | None = None
+                      ) -> tuple[float, list[int], list[int]]:
         """One stage-1 step; the overall winners go to the pose memory. Returns the loss, the per-head win
-        counts, and the counts of where each overall winner came from (WINNER_SOURCES)."""
+        counts, and the counts of where each overall winner came from (WINNER_SOURCES). ``dist``: (the
+        rows' positions in the global batch, its size) on a rank of a data-parallel run."""
         cfg = self.cfg
-        ex = self.explore(b, bi)
+        ex = self.explore(b, bi, dist)
         out = stage1_step(self.encoder, self.volume, self.models.opt_encoder, self.models.opt_volume1, b,
                           cfg.model.loss, extra_rot=None if ex is None else ex.rot[:, None],
                           extra_shift=None if ex is None else ex.shift[:, None],
-                          distill_weight=cfg.search.distill_weight)
+                          distill_weight=cfg.search.distill_weight, denom=None if dist is None else dist[1],
+                          reduce_grads=None if dist is None else self._sum_model_grads)
         self.memory.remember(b.idx, out.rot, out.shift)
         wins = torch.bincount(out.win, minlength=cfg.model.heads).tolist()
         if ex is None:
@@ -279,7 +344,7 @@ class AbinitEngine:
             src = torch.where(out.overall < cfg.model.heads, 0, ex.source.clamp_min(1))
         return out.loss, wins, torch.bincount(src, minlength=len(WINNER_SOURCES)).tolist()
 
-    def explore(self, b: Batch, bi: int) -> SearchResult | None:
+    def explore(self, b: Batch, bi: int, dist: tuple[Tensor, int] | None = None) -> SearchResult | None:
         """Exploration candidate of each image of a stage-1 batch (engine/stage1.py ``search_poses``):
         seeds = the remembered pose and the heads' current poses (detached), refined by the search.
         The generator is seeded by (seed, start, epoch, batch), so a resumed run draws the same candidates.
@@ -297,7 +362,8 @@ class AbinitEngine:
         if self._grid is None:
             self._grid = super_fibonacci_rotations(sc.explore_candidates, dtype=torch.float32).to(self.device)
         g = Seeds.generator(self.seeds.search(self.trial, self.epoch, bi))
-        return search_poses(self.volume, b, seeds_R, seeds_t, g, self._grid, sc, self.max_shift, self.cfg.model.loss)
+        return search_poses(self.volume, b, seeds_R, seeds_t, g, self._grid, sc, self.max_shift, self.cfg.model.loss,
+                            draw_rows=None if dist is None else dist[0], draw_batch=None if dist is None else dist[1])
 
     @torch.no_grad()
     def _assign_unvisited(self) -> None:
@@ -314,10 +380,15 @@ class AbinitEngine:
         self.encoder.eval()
         self.progress.start(f"first poses of {len(rows)} more particles, box {c}", len(batches), 0)
         try:
-            for bi, idx in enumerate(batches):
+            for bi, all_idx in enumerate(batches):
+                idx, dist = self._share(all_idx)
+                self.touched[idx] = True
+                if len(idx) == 0:  # no collectives in this pass: a rank may have nothing of a small batch
+                    self.progress.update(None, None)
+                    continue
                 b = self.batch(idx, c)
                 if cfg.search.enabled:
-                    ex = self.explore(b, FIRST_POSE_BATCH0 + bi)
+                    ex = self.explore(b, FIRST_POSE_BATCH0 + bi, dist)
                     R, t = ex.rot, ex.shift
                 else:
                     per, rot, shift = multihead_losses(self.encoder, self.volume, b, cfg.model.loss)
@@ -329,6 +400,7 @@ class AbinitEngine:
         finally:
             self.encoder.train(was)
             self.progress.close()
+        self.sync()
         log.info(f"first poses of the {len(rows)} particles outside the stage-1 subset of {len(self.s1_idx)} "
                  f"(encoder heads{' + pose search' if cfg.search.enabled else ''}, box {c})")
 
@@ -349,7 +421,7 @@ class AbinitEngine:
             epoch=e + 1, stage=self.stage, loss=a.loss, time_s=(h.last.time_s if h.last else 0.0) + a.time_s,
             epoch_time_s=a.time_s, images_per_s=a.images_per_s, crop=self.crop(),
             lr_encoder=cfg.optim.lr_encoder if self.stage == 1 else 0.0,
-            lr_decoder=self.lr_decoder_now() if self.stage == 1 else cfg.optim.lr_decoder_stage2,
+            lr_decoder=self.lr_decoder_now(),
             lr_pose=0.0 if self.stage == 1 else cfg.optim.lr_pose,
             head_wins=list(a.wins) if self.stage == 1 else None, head_win_share=share,
             winner_source_share=sources, pose_change_deg=None if math.isnan(change) else change, switched=False)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -131,7 +132,7 @@ def shift_offsets(half_range: float, step: float, device=None) -> Tensor:
 @torch.no_grad()
 def search_poses(volume, batch: Batch, seed_rot: Tensor, seed_shift: Tensor, generator: torch.Generator,
                  grid_rot: Tensor | None, search: SearchConfig, max_shift: float, loss_kind: str = "l1",
-                 chunk: int = 8192) -> SearchResult:
+                 chunk: int = 8192, draw_rows: Tensor | None = None, draw_batch: int | None = None) -> SearchResult:
     """Stochastic pose search without gradient (the exploration candidate of each image of one batch).
 
     Global step: every rotation of ``grid_rot`` (G, 3, 3), turned by one random rotation per batch
@@ -146,6 +147,10 @@ def search_poses(volume, batch: Batch, seed_rot: Tensor, seed_shift: Tensor, gen
     so3_exp(w) @ R_best with w a random rotation vector of RMS angle explore_local_deg / 2^r and the shift
     jittered by explore_shift_px / 2^r (RMS), and keeps the best. Random numbers come from ``generator``
     (on the CPU). Shifts stay within +-``max_shift`` px.
+
+    ``draw_rows`` (B,) / ``draw_batch``: the images are rows ``draw_rows`` of a batch of ``draw_batch``
+    (a data-parallel rank's share of the global batch, engine/distributed.py): the random numbers are
+    drawn for the whole batch and these rows taken, so each image gets the same draws as in one process.
     """
     top, rounds, local_n = search.explore_top, search.explore_rounds, search.explore_local
     grid = volume.grid().detach()
@@ -175,13 +180,18 @@ def search_poses(volume, batch: Batch, seed_rot: Tensor, seed_shift: Tensor, gen
     k = per.argmin(1)
     best_R, best_t, best_l = Rc[ar, k], tc[ar, k], per[ar, k]
     src = torch.where(k == 0, 1, torch.where(k < S, 0, 3))
+    def randn(*shape: int) -> Tensor:
+        if draw_rows is None:
+            return torch.randn(B, *shape, generator=generator)
+        return torch.randn(draw_batch, *shape, generator=generator)[draw_rows.cpu()]
+
     for r in range(rounds):
         if local_n <= 0:
             break
-        w = torch.randn(B, local_n, 3, generator=generator) * (math.radians(search.explore_local_deg) / 2**r / math.sqrt(3))
+        w = randn(local_n, 3) * (math.radians(search.explore_local_deg) / 2**r / math.sqrt(3))
         Rl = so3_exp(w.to(dev)) @ best_R[:, None]
         jitter = search.explore_shift_px / 2**r / math.sqrt(2)
-        tl = best_t[:, None] + torch.randn(B, local_n, 2, generator=generator).to(dev) * jitter
+        tl = best_t[:, None] + randn(local_n, 2).to(dev) * jitter
         tl = tl.clamp(-max_shift, max_shift)
         pl = score(Rl, tl)
         j = pl.argmin(1)
@@ -207,21 +217,35 @@ def nearest_head(rot: Tensor, R_best: Tensor) -> tuple[Tensor, Tensor]:
 
 def stage1_step(encoder, volume, opt_encoder, opt_volume, batch: Batch, loss_kind: str = "l1",
                 extra_rot: Tensor | None = None, extra_shift: Tensor | None = None,
-                distill_weight: float = 1.0, chunk: int = 8192) -> Stage1Result:
+                distill_weight: float = 1.0, chunk: int = 8192, denom: int | None = None,
+                reduce_grads: Callable[[], None] | None = None) -> Stage1Result:
     """One optimisation step of encoder and decoder.
 
     ``extra_rot`` (B, E, 3, 3) / ``extra_shift`` (B, E, 2): exploration candidates (detached; see the
     module docstring); None = the reference winner-takes-all over the heads.
+    Data parallel (engine/distributed.py): the batch is this rank's share of a global batch of ``denom``
+    images (the loss is divided by ``denom``), and ``reduce_grads`` sums the gradients over the ranks
+    before the optimiser steps. The returned loss is the mean over this rank's images.
     """
+    def step(total: Tensor) -> None:
+        (total / (batch.idx.shape[0] if denom is None else denom)).backward()
+        if reduce_grads is not None:
+            reduce_grads()
+        opt_encoder.step()
+        opt_volume.step()
+
     encoder.train()
     opt_encoder.zero_grad(set_to_none=True)
     opt_volume.zero_grad(set_to_none=True)
     if extra_rot is None or extra_rot.shape[1] == 0:
         per, rot, shift = multihead_losses(encoder, volume, batch, loss_kind)
         loss, win = winner_takes_all(per)
-        loss.backward()
-        opt_encoder.step()
-        opt_volume.step()
+        if denom is None and reduce_grads is None:
+            loss.backward()  # the mean itself (bitwise as before)
+            opt_encoder.step()
+            opt_volume.step()
+        else:
+            step(loss * per.shape[0])
         ar = torch.arange(win.shape[0], device=win.device)
         return Stage1Result(float(loss.detach()), win, win, rot.detach()[ar, win], shift.detach()[ar, win])
 
@@ -255,8 +279,6 @@ def stage1_step(encoder, volume, opt_encoder, opt_volume, batch: Batch, loss_kin
         ar2 = torch.arange(len(nh), device=nh.device)
         total = total + per_b.sum() + per_he[ar2, per_he.detach().argmin(1)].sum() + \
             distill_weight * (d_rot[ar2, j] + d_t).sum()
-    (total / B).backward()
-    opt_encoder.step()
-    opt_volume.step()
+    step(total)
     loss = torch.minimum(loss_h.detach(), per_x[ar, best_x]).mean()
     return Stage1Result(float(loss), win_h, overall, R_win, t_win)

@@ -7,6 +7,7 @@ Adam in ``model.pose_table``), then ``vol_iters`` steps on the volume (poses fix
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -30,8 +31,13 @@ def pose_loss(volume_grid, volume, table, batch: Batch, delta=None, dshift=None,
 
 
 def stage2_step(volume, table, opt_volume, batch: Batch, pose_iters: int = 5, vol_iters: int = 1,
-                loss_kind: str = "l1") -> Stage2Result:
-    """Alternate pose and volume steps on one batch."""
+                loss_kind: str = "l1", denom: int | None = None,
+                reduce_grads: Callable[[], None] | None = None) -> Stage2Result:
+    """Alternate pose and volume steps on one batch.
+
+    Data parallel (engine/distributed.py): the batch is this rank's share of a global batch of ``denom``
+    images, and ``reduce_grads`` sums the volume's gradients over the ranks before each volume step (the
+    pose steps are per row, so they need nothing). The losses returned are this rank's means."""
     with torch.no_grad():
         grid = volume.grid()
     first = None
@@ -48,7 +54,9 @@ def stage2_step(volume, table, opt_volume, batch: Batch, pose_iters: int = 5, vo
         opt_volume.zero_grad(set_to_none=True)
         per = pose_loss(None, volume, table, batch, loss_kind=loss_kind)
         l = per.mean()
-        l.backward()
+        (l if denom is None else per.sum() / denom).backward()
+        if reduce_grads is not None:
+            reduce_grads()
         opt_volume.step()
         loss = float(l.detach())
     if loss is None:

@@ -29,7 +29,7 @@ from cryospin_relion.errors import InputError
 from cryospin_relion.geometry.rotations import cryosparc_pose_to_relion, relion_to_cryosparc_pose
 from cryospin_relion.io.atomic import atomic_path
 from cryospin_relion.io.paths import first_header_box, locate_stacks
-from cryospin_relion.io.particles import CTFParams, ParticleTable
+from cryospin_relion.io.particles import SCORE_COLUMNS, CTFParams, ParticleTable
 
 __all__ = ["read_cs", "write_cs", "load_cs", "save_cs", "project_paths", "ALIGN_FIELDS", "alignments_fields",
            "set_alignments"]
@@ -277,4 +277,8 @@ def write_cs(table: ParticleTable, path: str | os.PathLike) -> None:
     ds = table.raw.copy() if isinstance(table.raw, Dataset) and len(table.raw) == n else _new_dataset(table)
     if table.rotations is not None:
         set_alignments(ds, alignments_fields(table.rotations, table.shifts_A, table.apix, table.halves()))
+    for attr, (_, name) in SCORE_COLUMNS.items():  # float32, as cryoSPARC's own alignments3D/error
+        if getattr(table, attr) is not None:
+            ds.add_fields([(name, "f4")])
+            ds[name] = np.asarray(getattr(table, attr), dtype=np.float32)
     save_cs(ds, path)

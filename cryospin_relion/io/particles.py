@@ -23,6 +23,15 @@ from typing import Any
 
 import numpy as np
 
+# where a table's scores go: (STAR label, cryoSPARC .cs field) of ``confidence`` and ``fit_loss``.
+# rlnMaxValueProbDistribution is RELION's own per-particle "probability of the best pose" column (in [0, 1],
+# larger = better: RELION's Subset selection and relion_star_handler --select can cut on it); the loss is not a
+# log-likelihood (RELION's rlnLogLikeliContribution is larger = better), hence an own label. cryoSPARC has
+# no pose-confidence field: the confidence goes to an own ``cryospin`` slot, the loss to
+# ``alignments3D/error`` (cryoSPARC's residual at the chosen pose, also smaller = better; other units).
+SCORE_COLUMNS = {"confidence": ("rlnMaxValueProbDistribution", "cryospin/confidence"),
+                 "fit_loss": ("rlnCryospinLoss", "alignments3D/error")}
+
 
 @dataclass
 class CTFParams:
@@ -68,6 +77,9 @@ class ParticleTable:
     sign: float = 1.0  # multiply images by this to get protein-positive (cryoSPARC blob/sign)
     raw: Any = None  # source tables, for writers that keep every original column
     extra: dict = field(default_factory=dict)
+    # per-particle scores of a run (lifecycle/scores.py), written as SCORE_COLUMNS; None = not scored
+    confidence: np.ndarray | None = None  # (N,) pose confidence in [0, 1], larger = better determined
+    fit_loss: np.ndarray | None = None  # (N,) the run's loss at the final pose, smaller = better fit
 
     def __len__(self) -> int:
         return int(len(self.stack_indices))
@@ -85,6 +97,12 @@ class ParticleTable:
         shifts_A = np.asarray(shifts_A, dtype=np.float64).reshape(n, 2)
         sub = self.subset if subset is None else np.asarray(subset, dtype=np.int64).reshape(n)
         return replace(self, rotations=rotations, shifts_A=shifts_A, subset=sub)
+
+    def with_scores(self, confidence: np.ndarray, fit_loss: np.ndarray) -> "ParticleTable":
+        """A copy with per-particle scores (N,) (see ``confidence`` and ``fit_loss``)."""
+        n = len(self)
+        return replace(self, confidence=np.asarray(confidence, dtype=np.float64).reshape(n),
+                       fit_loss=np.asarray(fit_loss, dtype=np.float64).reshape(n))
 
     def with_ctf_phase_flipped(self, flipped: bool = True) -> "ParticleTable":
         """A copy whose images are (or are not) phase-flipped (``CTFParams.phase_flipped``); as is without CTF."""
@@ -122,6 +140,8 @@ class ParticleTable:
             shifts_A=take(self.shifts_A),
             subset=take(self.subset),
             optics_group=take(self.optics_group),
+            confidence=take(self.confidence),
+            fit_loss=take(self.fit_loss),
             raw=raw,
             extra=extra,
         )

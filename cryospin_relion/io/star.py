@@ -24,22 +24,24 @@ Writing produces a RELION 3.1 file (``# version 30001``) that RELION 3.1-5 read.
 
 from __future__ import annotations
 
-import csv
+import io
 import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import starfile
 
 from cryospin_relion.errors import InputError, InputErrors
 from cryospin_relion.geometry.rotations import euler_to_matrix_np, matrix_to_euler_np
 from cryospin_relion.io.atomic import atomic_path
 from cryospin_relion.io.paths import first_header_box, locate_stacks
-from cryospin_relion.io.particles import CTFParams, ParticleTable
+from cryospin_relion.io.particles import SCORE_COLUMNS, CTFParams, ParticleTable
 
-__all__ = ["read_star", "write_star", "load_star_blocks"]
+__all__ = ["read_star", "write_star", "load_star_blocks", "particle_block_name", "write_star_blocks"]
 
 OPTICS_LABELS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnImagePixelSize",
                  "rlnImageSize", "rlnImageDimensionality")
@@ -86,6 +88,12 @@ def _particle_block(blocks: dict, path: Path) -> tuple[str, pd.DataFrame, pd.Dat
     return key, frames[key], optics
 
 
+def particle_block_name(blocks: dict, path: str | os.PathLike) -> str:
+    """The name of the particle table among ``blocks`` (``load_star_blocks``), as ``read_star`` picks it;
+    InputError when there is none."""
+    return _particle_block(blocks, Path(path))[0]
+
+
 def _repeated_labels(path: Path, key: str, parts: pd.DataFrame, optics: pd.DataFrame | None) -> list[str]:
     """One line per column listed twice in a block, and per optics group listed twice with
     different values (RELION would silently take one of them); [] when there is none."""
@@ -125,6 +133,12 @@ def _num(df: pd.DataFrame, col: str, path: Path, dtype=np.float64) -> np.ndarray
         r = int(np.flatnonzero(bad)[0])
         raise InputError(f"{path}: row {r + 1}: {col}: not a number ({_show(df[col].iloc[r])})")
     return v.to_numpy(dtype=dtype)
+
+
+def _shared_strings(names: pd.Series) -> np.ndarray:
+    """(N,) object array of str in which equal names are one Python object (8 bytes per row, not ~80)."""
+    codes, uniq = pd.factorize(names.astype(str))
+    return np.asarray(uniq, dtype=object)[codes]
 
 
 def read_star(
@@ -211,7 +225,8 @@ def read_star(
 
     # -- images -------------------------------------------------------------------------
     names = parts["rlnImageName"].astype(str).str.strip()
-    head, at, tail = (names.str.partition("@")[i] for i in range(3))
+    parts3 = names.str.partition("@")
+    head, at, tail = parts3[0], parts3[1], parts3[2]
     has_at = at == "@"
     stack_names = tail.where(has_at, head)
     idx = pd.to_numeric(head.where(has_at, "1"), errors="coerce")
@@ -269,25 +284,99 @@ def read_star(
         box=int(box), apix=apix.astype(np.float64), ctf=ctf, rotations=rotations, shifts_A=shifts,
         subset=subset, optics_group=og.astype(np.int64), sign=1.0,
         raw={"optics": None if optics is None else optics.reset_index(drop=True), "particles": parts},
-        extra={"missing_stacks": loc.missing, "stack_names": stack_names.to_numpy(dtype=object)},
+        extra={"missing_stacks": loc.missing, "stack_names": _shared_strings(stack_names)},
     )
 
 
 # -- writing ----------------------------------------------------------------------------------
 
 
-def _format_block(name: str, df: pd.DataFrame) -> str:
-    """One STAR loop block, RELION style (``# version 30001`` precedes it)."""
+_ROWS_PER_CHUNK = 100_000  # rows formatted at once: bounds the writer's memory for millions of particles
+
+
+def _round_significant(x: np.ndarray, digits: int = 10) -> np.ndarray:
+    """(N,) float64 rounded to ``digits`` significant digits (as ``%.{digits}g`` prints them), vectorised.
+
+    Why: the writer prints floats in their shortest round-trip form (C++, fast), so the nearest double
+    to a ``digits``-digit decimal prints as that decimal; k / 10^d is correctly rounded for exact k and
+    10^d (d <= 22). Values read from a file with <= ``digits`` digits are unchanged."""
+    x = np.asarray(x, dtype=np.float64)
+    out = x.copy()
+    ok = np.isfinite(x) & (x != 0)
+    if not ok.any():
+        return out
+    a = x[ok]
+    d = digits - 1 - np.floor(np.log10(np.abs(a))).astype(np.int64)
+    r = a.copy()
+    up = (d >= 0) & (d <= 22)
+    r[up] = np.round(a[up] * 10.0 ** d[up]) / 10.0 ** d[up]
+    down = (d < 0) & (d >= -22)
+    r[down] = np.round(a[down] / 10.0 ** -d[down]) * 10.0 ** -d[down]
+    out[ok] = r
+    return out
+
+
+def _star_strings(col: pd.Series) -> pa.Array:
+    """One column as STAR tokens: floats to 10 significant digits, ints, and strings quoted when they
+    hold whitespace or quotes (inner quotes doubled) or are empty (``""``), so no column can shift."""
+    v = col.to_numpy() if col.dtype.kind in "biuf" else None
+    if v is not None and v.dtype.kind == "f":
+        return pc.cast(pa.array(_round_significant(v)), pa.string())
+    if v is not None:
+        return pc.cast(pa.array(v.astype(np.int64)), pa.string())
+    s = pa.array(col.astype(str).to_numpy(dtype=object), type=pa.string())
+    quote = pc.or_(pc.match_substring_regex(s, r'[\s"]'), pc.equal(pc.utf8_length(s), 0))
+    if not pc.any(quote).as_py():
+        return s
+    quoted = pc.binary_join_element_wise('"', pc.replace_substring(s, '"', '""'), '"', "")
+    return pc.if_else(quote, quoted, s)
+
+
+def _write_block(f, name: str, df: pd.DataFrame) -> None:
+    """One STAR loop block, RELION style (``# version 30001`` precedes it), to the binary file ``f``;
+    formatted in C++ (pyarrow) by chunks of rows (a million rows in seconds, bounded memory)."""
     head = [f"\n# version 30001\n\ndata_{name}\n\nloop_"]
     head += [f"_{c} #{i + 1}" for i, c in enumerate(df.columns)]
-    df = df.copy()
-    for c in df.columns:  # an empty string would shift every later column
-        if df[c].dtype == object or pd.api.types.is_string_dtype(df[c]):
-            s = df[c].astype(str)
-            df[c] = s.where(s != "", '""')
-    body = df.to_csv(sep=" ", header=False, index=False, float_format="%.10g", na_rep="nan",
-                     quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
-    return "\n".join(head) + "\n" + body + "\n"
+    f.write(("\n".join(head) + "\n").encode())
+    for a in range(0, len(df) if df.shape[1] else 0, _ROWS_PER_CHUNK):
+        part = df.iloc[a: a + _ROWS_PER_CHUNK]
+        cols = [_star_strings(part.iloc[:, k]) for k in range(part.shape[1])]
+        rows = pc.binary_join_element_wise(*cols, " ") if len(cols) > 1 else cols[0]
+        lines = pc.binary_join_element_wise(rows, "", "\n")  # each row + newline
+        f.write(_concat(lines))
+    f.write(b"\n")
+
+
+def _concat(lines: pa.Array) -> bytes:
+    """The bytes of all strings of a string array, back to back."""
+    lines = lines.cast(pa.large_string())
+    offsets = np.frombuffer(lines.buffers()[1], dtype=np.int64)[lines.offset: lines.offset + len(lines) + 1]
+    return lines.buffers()[2].to_pybytes()[offsets[0]: offsets[-1]]
+
+
+def _format_block(name: str, df: pd.DataFrame) -> str:
+    """One STAR loop block as text (see ``_write_block``)."""
+    buf = io.BytesIO()
+    _write_block(buf, name, df)
+    return buf.getvalue().decode()
+
+
+def write_star_blocks(blocks: dict, path: str | os.PathLike) -> None:
+    """Write STAR ``blocks`` ({name: DataFrame (a loop) or dict (label-value pairs)}, as
+    ``load_star_blocks`` reads them) in their order, atomically (``cryospin select``)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for name, block in blocks.items():
+            if isinstance(block, pd.DataFrame):
+                _write_block(f, name, block)
+            else:
+                pairs = "\n".join(f"_{k} {_pair_value(v)}" for k, v in dict(block).items())
+                f.write(f"\n# version 30001\n\ndata_{name}\n\n{pairs}\n\n".encode())
+
+
+def _pair_value(v) -> str:
+    """A label-value pair's value as STAR text (quoted when empty or holding whitespace)."""
+    s = f"{v:.10g}" if isinstance(v, float) else str(v)
+    return f'"{s}"' if s == "" or any(c.isspace() for c in s) else s
 
 
 def _image_names(table: ParticleTable) -> pd.Series:
@@ -407,6 +496,9 @@ def write_star(table: ParticleTable, path: str | os.PathLike) -> None:
         parts["rlnOriginXAngst"] = table.shifts_A[:, 0]
         parts["rlnOriginYAngst"] = table.shifts_A[:, 1]
     parts["rlnRandomSubset"] = table.halves()
-    text = _format_block("optics", optics) + _format_block("particles", parts)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    for attr, (label, _) in SCORE_COLUMNS.items():  # a run's scores replace any earlier column of that name
+        if getattr(table, attr) is not None:
+            parts[label] = np.asarray(getattr(table, attr), dtype=np.float64)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        _write_block(f, "optics", optics)
+        _write_block(f, "particles", parts)

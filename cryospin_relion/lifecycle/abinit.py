@@ -7,10 +7,16 @@ SIGINT/SIGTERM, then write the outputs (lifecycle/outputs.py) and the summary.
 
 Exit codes: 0 done (or dry run), 2 bad input (InputError), 130 / 143 stopped by
 SIGINT / SIGTERM after a checkpoint (rerun with ``--continue``).
+
+Under ``torchrun`` (lifecycle/distributed.py) every rank checks the inputs and
+trains its share (engine/distributed.py); rank 0 alone creates the folder, builds
+the image cache, logs, and writes checkpoints and outputs; the other ranks print
+only errors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -27,7 +33,9 @@ from cryospin_relion.io.overwrite import same_file
 from cryospin_relion.io.particles import ParticleTable
 from cryospin_relion.lifecycle.checkpoint import (CHECKPOINT, TimedCheckpoints, checkpoint_exists, input_fingerprint,
                                                   load_for_resume, save_checkpoint)
-from cryospin_relion.lifecycle.console import close_log, open_log, run_progress
+from cryospin_relion.engine.distributed import ALONE, World
+from cryospin_relion.lifecycle.console import close_log, open_log, rank_log, run_progress
+from cryospin_relion.lifecycle.distributed import join_world, leave_world, rank_device
 from cryospin_relion.lifecycle.outputs import (add_orientation_summary, final_table, output_files, write_final_outputs,
                                                 write_report)
 from cryospin_relion.lifecycle.pose_error import PoseErrorLog, load_true_rotations
@@ -56,14 +64,34 @@ def run_abinit(req: AbinitRequest) -> int:
 
     Every input is checked before anything is written: a refused run leaves no folder, no run.log."""
     plan = _check(req)
+    plan = dataclasses.replace(plan, device=rank_device(plan.device))
     out = req.output
+    had_config = (out / "config.yaml").is_file()  # before this run writes it
+    world = join_world(plan.device)  # every rank has checked the inputs on its own
+    try:
+        if plan.config.schedule.batch_size < 2 * world.size:  # every rank needs a part of every batch
+            raise InputError(f"--batch-size: {plan.config.schedule.batch_size} is less than 2 x the {world.size} "
+                             "ranks (engine/distributed.py)")
+        if world.is_main:
+            log = _open_folder(out, req.quiet)
+        else:
+            log = rank_log(world.rank)
+        world.barrier()  # the folder exists for every rank
+        return _Run(req, log, world, had_config).execute(plan)
+    finally:
+        close_log()
+        leave_world(world)
+
+
+def _open_folder(out: Path, quiet: bool) -> logging.Logger:
+    """Create the output folder and open its run.log (InputError when it cannot be written)."""
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"{out}: --o: cannot create the folder ({e.strerror or e})") from None
     try:
-        log = open_log(out, req.quiet)
+        log = open_log(out, quiet)
     except OSError as e:  # read-only mount, immutable folder: the permission bits did not tell
         if created:
             _remove_empty(out)
@@ -71,10 +99,7 @@ def run_abinit(req: AbinitRequest) -> int:
     from cryospin_relion.io.atomic import remove_stale_temporaries
 
     remove_stale_temporaries(out)  # half-written files of a killed earlier run
-    try:
-        return _Run(req, log).execute(plan)
-    finally:
-        close_log()
+    return log
 
 
 @dataclass
@@ -131,8 +156,9 @@ def _remove_empty(folder: Path) -> None:
 class _Run:
     """The state of one run between its steps (the engine, the checkpoint policy, the pose-error log)."""
 
-    def __init__(self, req: AbinitRequest, log: logging.Logger):
+    def __init__(self, req: AbinitRequest, log: logging.Logger, world: World = ALONE, had_config: bool = False):
         self.req, self.log, self.out = req, log, req.output
+        self.world, self.had_config = world, had_config
         self.t_start = time.perf_counter()
 
     def execute(self, plan: _Plan) -> int:
@@ -145,45 +171,55 @@ class _Run:
             torch.set_num_threads(cfg.run.threads)
         box = cfg.data.box
         self.warnings = plan.warnings  # logged above, and in the summary
-        had_config = (out / "config.yaml").is_file()
-        cfg.to_yaml(out / "config.yaml")
+        if self.world.is_main:
+            cfg.to_yaml(out / "config.yaml")
+        ranks = "" if self.world.alone else f", {self.world.size} ranks (data parallel)"
         log.info(f"cryospin abinit: {len(table)} particles from {req.input}, input box {table.box}, working box {box}, "
-                 f"device {device}, threads {torch.get_num_threads()}")
+                 f"device {device}, threads {torch.get_num_threads()}{ranks}")
         log.info("effective config:\n" + cfg.to_yaml().rstrip())
         if req.dry_run:
             log.info("dry run: inputs checked, config written; not running")
             return 0
-        return self._train_and_write(cfg, table, device, had_config)
+        return self._train_and_write(cfg, table, device, self.had_config)
 
     def _train_and_write(self, cfg: AbinitConfig, table, device, had_config: bool) -> int:
         from cryospin_relion.data.stack import build_cache
         from cryospin_relion.engine.run import AbinitEngine
         from cryospin_relion.geometry.ctf import CTF
 
-        req, log, out = self.req, self.log, self.out
-        cache = build_cache(table, out, cfg.data.box, invert=cfg.data.invert,
-                            progress=not req.quiet)
+        req, log, out, world = self.req, self.log, self.out, self.world
+        main = world.is_main
+        if main:  # the other ranks then find it built (its sidecar matches) and map it
+            cache = build_cache(table, out, cfg.data.box, invert=cfg.data.invert, progress=not req.quiet)
+        world.barrier()
+        if not main:
+            cache = build_cache(table, out, cfg.data.box, invert=cfg.data.invert, progress=False)
         apix_work = np.asarray(cache.apix, dtype=np.float64)
         use_ctf = not (cfg.data.no_ctf or table.ctf is None)
         engine = AbinitEngine(cache.images, torch.as_tensor(apix_work, dtype=torch.float32),
                               CTF.from_arrays(table.ctf) if use_ctf else None, cfg, device,
-                              progress=None if req.quiet else run_progress(log))
+                              progress=None if req.quiet or not main else run_progress(log), world=world)
         self.engine = engine
         self.ckpt = out / CHECKPOINT
         self.fingerprint = input_fingerprint(req.input, len(table))
-        self.pose_log = PoseErrorLog(load_true_rotations(req.true_poses, table)) if req.true_poses else None
+        self.pose_log = (PoseErrorLog(load_true_rotations(req.true_poses, table)) if req.true_poses and main
+                         else None)
         self._resume(cfg, had_config)
 
         timed = TimedCheckpoints(cfg.run.checkpoint_minutes)
         live = self._live_report(cfg, table)
 
-        def checkpoint() -> None:
-            save_checkpoint(self.ckpt, engine.state_dict(), self.fingerprint,
-                            None if self.pose_log is None else self.pose_log.state_dict())
+        def checkpoint() -> None:  # on every rank at once (the engine merges the ranks' rows)
+            engine.sync()
+            if main:
+                save_checkpoint(self.ckpt, engine.state_dict(), self.fingerprint,
+                                None if self.pose_log is None else self.pose_log.state_dict())
             timed.saved()
 
         def on_epoch_end(eng) -> None:
             checkpoint()
+            if not main:
+                return
             if self.pose_log is not None:
                 self.pose_log.record(eng)
             hist = self.history_json()
@@ -193,14 +229,17 @@ class _Run:
         with StopOnSignal(log) as stop:
             def after_batch() -> bool:
                 """Polled after every batch (a consistent state): timed checkpoints, stop requests."""
-                if timed.due() and engine.resumable:
+                due, stopping = world.any(timed.due() and engine.resumable, stop.requested)  # all ranks agree
+                if due:
                     checkpoint()
-                return stop.requested
+                return stopping
 
             status = engine.run(should_stop=after_batch, on_epoch_end=on_epoch_end,
                                 on_trial_epoch_end=None if self.pose_log is None else self.pose_log.record)
         if status == "stopped":
             checkpoint()
+            if not main:
+                return stop.exit_code
             hist = self.history_json()
             write_json(out / "history.json", hist)
             epoch, _, batch = engine.position
@@ -209,11 +248,17 @@ class _Run:
                      f"rerun with --continue to resume")
             return stop.exit_code
         t_train = time.perf_counter() - self.t_start
+        if not main:
+            return 0
 
+        from cryospin_relion.lifecycle.scores import compute_scores
+
+        scores = compute_scores(engine, log)  # per-particle pose confidence and loss (lifecycle/scores.py)
         result = write_final_outputs(out, table, cache.images, apix_work, engine.final_poses(),
                                      engine.decoder_map().numpy(), flip_hand=cfg.run.flip_hand, seed=cfg.run.seed,
                                      use_ctf=use_ctf, write_cs=req.input.suffix.lower() == ".cs", device=device,
-                                     progress=not req.quiet, log=log, mw_kda=cfg.data.mw_kda)
+                                     progress=not req.quiet, log=log, mw_kda=cfg.data.mw_kda, scores=scores,
+                                     sym=cfg.run.sym)
         hist = self.history_json(final_resolution_A=result.resolution_A)
         write_json(out / "history.json", hist)
         total = time.perf_counter() - self.t_start
@@ -230,6 +275,8 @@ class _Run:
         if self.warnings:
             summary["warnings"] = list(self.warnings)
         add_orientation_summary(summary, result, log)
+        if scores is not None:
+            summary.update(scores.summary())
         write_report(out, result, hist, summary, log)
         if req.json_summary:
             write_json(Path(req.json_summary), summary)

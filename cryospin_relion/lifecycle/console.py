@@ -27,6 +27,18 @@ def open_log(out_dir: Path, quiet: bool) -> logging.Logger:
     return log
 
 
+def rank_log(rank: int) -> logging.Logger:
+    """The logger of a data-parallel rank other than 0: warnings and errors to stderr, no run.log."""
+    log = logging.getLogger(LOGGER)
+    log.setLevel(logging.WARNING)
+    log.propagate = False
+    close_log()
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter(f"rank {rank}: %(message)s"))
+    log.addHandler(h)
+    return log
+
+
 def close_log() -> None:
     log = logging.getLogger(LOGGER)
     for h in list(log.handlers):

@@ -12,6 +12,9 @@
   at a contour level enclosing the molecule's volume (geometry/threshold.py: from ``--mw`` when given,
   else from the map);
 - ``logfile.pdf`` and PNGs (the report never fails the run).
+
+With ``--sym`` other than C1 (lifecycle/symmetry.py) the final poses and the decoder map are first
+rotated into RELION's frame of the group, and the half maps are backprojected with its operators.
 """
 
 from __future__ import annotations
@@ -59,24 +62,39 @@ class FinalResult:
     rotations: np.ndarray  # (N, 3, 3) final RELION poses (hand flipped if asked)
     orientation_efficiency: float | None = None  # cryoEF E_od of the final views (evaluate/orientation.py)
     directional: DirectionalResolution | None = None  # conical half-map FSC at the working box
+    scores: "ParticleScores | None" = None  # per-particle scores (lifecycle/scores.py), None if not computed
+    symmetry: "SymmetryFrame | None" = None  # --sym other than C1 (lifecycle/symmetry.py)
 
 
 def write_final_outputs(out: Path, table: ParticleTable, images, apix_work: np.ndarray, poses: tuple, decoder: np.ndarray,
                         *, flip_hand: bool, seed: int, use_ctf: bool, write_cs: bool, device, progress: bool,
-                        log: logging.Logger, mw_kda: float | None = None) -> FinalResult:
+                        log: logging.Logger, mw_kda: float | None = None, scores=None, sym: str = "C1") -> FinalResult:
     """Backproject the halves with the final ``poses`` (rotations (N, 3, 3), shifts (N, 2) working-box px,
     content translation) and write every output file; ``decoder`` is the learned map (n, n, n); ``mw_kda``
-    (molecular weight, kDa) sets the ChimeraX script's contour levels."""
+    (molecular weight, kDa) sets the ChimeraX script's contour levels; ``scores`` (lifecycle/scores.py
+    ``ParticleScores``) go into the particle files; ``sym`` (RELION's point-group name): poses and maps in its
+    frame, half maps backprojected with its operators (lifecycle/symmetry.py)."""
     R, t_px = poses
     box = int(decoder.shape[-1])
     if flip_hand:
         R, decoder = flip_poses_hand(R), flip_volume_hand(decoder)
     shifts_A = -t_px * apix_work[:, None]  # RELION origin = - content translation * pixel size
     halves = table.halves(seed)
-    log.info("backprojecting the two halves with the final poses")
-    hm = reconstruct_halves(images, table, rotations=R, shifts_A=shifts_A, halves=halves, use_ctf=use_ctf,
-                            device=device, seed=seed, progress=progress)
     apix_out = float(output_apix(table, box, box))
+    from cryospin_relion.geometry.symmetry import parse_symmetry
+    from cryospin_relion.lifecycle.symmetry import to_symmetry_frame
+
+    frame = None
+    if parse_symmetry(sym) != "C1":  # the C1 maps first: the symmetry axes are searched on them
+        log.info("backprojecting the two halves with the final poses, C1 (to find the symmetry axes)")
+        c1 = reconstruct_halves(images, table, rotations=R, shifts_A=shifts_A, halves=halves, use_ctf=use_ctf,
+                                device=device, seed=seed, progress=progress)
+        frame = to_symmetry_frame(sym, R, shifts_A, c1.map, c1.fsc, decoder, apix_out, log)
+        R, shifts_A, decoder = frame.rotations, frame.shifts_A, frame.decoder
+    log.info("backprojecting the two halves with the final poses" + (f", symmetry {frame.sym}" if frame else ""))
+    hm = reconstruct_halves(images, table, rotations=R, shifts_A=shifts_A, halves=halves, use_ctf=use_ctf,
+                            device=device, seed=seed, progress=progress,
+                            symmetry=None if frame is None else frame.operators)
     res = float(hm.resolution)
     pbox, papix = int(table.box), float(output_apix(table, int(table.box), int(table.box)))
     maps = {"map.mrc": resample_box(lowpass(hm.map, res, apix_out), pbox),
@@ -87,11 +105,13 @@ def write_final_outputs(out: Path, table: ParticleTable, images, apix_work: np.n
     write_mrc(out / "decoder_map.mrc", decoder, apix_out)
     write_fsc(out / "fsc.txt", hm.fsc, box, apix_out)
     new = table.with_poses(R, shifts_A, halves)
+    if scores is not None:
+        new = new.with_scores(scores.confidence, scores.loss)
     write_particles(new, out / "particles.star")
     if write_cs:
         write_particles(new, out / "particles.cs")
     eff, directional = orientation_diagnostics(R, hm.half1, hm.half2, apix_out, log)
-    return FinalResult(res, apix_out, box, hm.fsc, hm.map, R, eff, directional)
+    return FinalResult(res, apix_out, box, hm.fsc, hm.map, R, eff, directional, scores, frame)
 
 
 def orientation_diagnostics(R, half1, half2, apix: float, log: logging.Logger):
@@ -144,11 +164,15 @@ def write_chimerax(out: Path, maps: dict[str, np.ndarray], apix: float, mw_kda: 
 def add_orientation_summary(summary: dict, result: FinalResult, log: logging.Logger) -> dict:
     """Put the orientation diagnostics of ``result`` into ``summary`` ("orientation_efficiency",
     "directional_resolution_A": {best, worst, median, spread}) and log a ``warning:`` line, also
-    appended to ``summary["warnings"]``, when the efficiency is under EFFICIENCY_WARN_BELOW (0.5)."""
+    appended to ``summary["warnings"]``, when the efficiency is under EFFICIENCY_WARN_BELOW (0.5).
+    With --sym, also the symmetry entries (``SymmetryFrame.summary``) and its warning."""
     from cryospin_relion.evaluate.orientation import orientation_summary
 
     entries, warned = orientation_summary(result.orientation_efficiency, result.directional)
     summary.update(entries)
+    if result.symmetry is not None:
+        summary.update(result.symmetry.summary())
+        warned = [*warned, *filter(None, [result.symmetry.warning()])]
     for w in warned:
         log.info(f"warning: {w}")
         summary.setdefault("warnings", []).append(w)
@@ -163,7 +187,10 @@ def write_report(out: Path, result: FinalResult, history_json: dict, summary: di
         make_report(out, fsc=result.fsc, fsc_resolution_A=result.resolution_A, apix=result.apix, box=result.box,
                     history=history_json, rotations=result.rotations, volume=result.map, summary=summary,
                     pose_error_history=history_json.get("pose_error"),
-                    orientation={"efficiency": result.orientation_efficiency, "directional": result.directional})
+                    orientation={"efficiency": result.orientation_efficiency, "directional": result.directional},
+                    scores=None if result.scores is None else {"confidence": result.scores.confidence,
+                                                               "cutoff": result.scores.cutoff,
+                                                               "loss": result.scores.loss})
     except Exception as e:  # the report must never fail the run
         log.info(f"report not written: {type(e).__name__}: {e}")
 

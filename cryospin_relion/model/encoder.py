@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cryospin_relion.geometry.rotations import sixd_to_matrix
+from cryospin_relion.model.global_norm import GlobalBatchNorm2d
 
 ENCODER_PRESETS = {
     "fast": dict(channels=(16, 32, 64, 64), convs_per_block=1, hidden=128),
@@ -72,7 +73,7 @@ class PoseEncoder(nn.Module):
         size = box
         for cout in spec["channels"]:
             for _ in range(spec["convs_per_block"]):
-                layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), GlobalBatchNorm2d(cout), nn.ReLU(inplace=True)]
                 cin = cout
             if size >= 4:
                 layers.append(nn.MaxPool2d(2))

@@ -30,6 +30,7 @@ PNG_NAMES = {
     "central_slices": "central_slices.png",
     "pose_error": "pose_error.png",
     "orientation": "orientation.png",
+    "scores": "scores.png",
 }
 
 PNG_DPI = 110
@@ -48,6 +49,7 @@ def _pages(
     volume: Any,
     pose_error_history: Mapping[str, Any] | None,
     orientation: Mapping[str, Any] | None = None,
+    scores: Mapping[str, Any] | None = None,
 ) -> list[tuple[str | None, Callable[[], Figure]]]:
     """(result key or None for PDF-only pages, figure builder) for each page to draw."""
     pages: list[tuple[str | None, Callable[[], Figure]]] = []
@@ -72,6 +74,10 @@ def _pages(
             orientation.get("efficiency"), getattr(directional, "directions", None),
             getattr(directional, "resolution_A", None),
             cone_half_angle_deg=getattr(directional, "cone_half_angle_deg", None))))
+    if scores and scores.get("confidence") is not None and len(scores["confidence"]) > 0:
+        from cryospin_relion.report.scores import plot_scores
+
+        pages.append(("scores", lambda: plot_scores(scores["confidence"], scores.get("cutoff"), scores.get("loss"))))
     return pages
 
 
@@ -90,6 +96,7 @@ def make_report(
     summary: Mapping[str, Any] | None = None,
     png: bool = True,
     orientation: Mapping[str, Any] | None = None,
+    scores: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write the report figures (PNG) and ``logfile.pdf`` (one page per figure) in ``out_dir``.
 
@@ -112,6 +119,8 @@ def make_report(
         orientation: {'efficiency': cryoEF E_od or None, 'directional': an
             ``evaluate.orientation.DirectionalResolution`` (or any object with
             ``directions``, ``resolution_A``, ``cone_half_angle_deg``) or None}.
+        scores: {'confidence': (N,), 'cutoff': suggested minimum or None, 'loss': (N,) or None}: the
+            per-particle score page (report/scores.py), drawn only when given.
 
     Returns:
         {'pdf': out_dir/logfile.pdf, and for each figure drawn its PNG under the
@@ -123,7 +132,7 @@ def make_report(
     out = Path(out_dir)
     pages = _pages(summary=summary, fsc=fsc, fsc_resolution_A=fsc_resolution_A, apix=apix, box=box,
                    history=history, rotations=rotations, head_wins=head_wins, volume=volume,
-                   pose_error_history=pose_error_history, orientation=orientation)
+                   pose_error_history=pose_error_history, orientation=orientation, scores=scores)
     if not pages:
         return {}
     out.mkdir(parents=True, exist_ok=True)
