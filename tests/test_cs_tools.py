@@ -472,7 +472,7 @@ def _run_fake(empiar, shared_data, tmp_path, monkeypatch, extra=(), real_abinit=
         script = tmp_path / "fake_abinit.py"
         script.write_text(FAKE_ABINIT)
         monkeypatch.setattr(convert, "abinit_command",
-                            lambda i, o, more=(): [sys.executable, str(script), "--i", str(i), "--o", str(o), *more])
+                            lambda i, o, more=(), gpus=1: [sys.executable, str(script), "--i", str(i), "--o", str(o), *more])
     ds = Dataset.load(empiar)
     template = [d for d in Dataset.load(shared_data / "cryosparc-tools" / "4k_dataset.cs").descr()
                 if d[0].startswith("alignments3D/")]

@@ -15,5 +15,5 @@ def test_cli_reference_is_current():
 def test_every_command_is_documented():
     doc = (ROOT / "docs" / "cli.md").read_text()
     for name in ("abinit", "reconstruct", "project", "convert", "info", "simulate", "compare", "demo", "flip-hand",
-                 "report"):
+                 "report", "select"):
         assert f"## cryospin {name}" in doc

@@ -316,8 +316,7 @@ class AbinitEngine:
         w = self.world
         if w.alone:
             return loss, n, wins, sources
-        k = 0 if wins is None else len(wins) + len(sources)
-        v = w.sum_floats([loss * n, float(n), *(wins or []), *(sources or [])] if k else [loss * n, float(n)])
+        v = w.sum_floats([loss * n, float(n), *(wins or []), *(sources or [])])
         tot = max(1.0, v[1])
         if self.stage == 1:
             m = self.cfg.model.heads

@@ -63,7 +63,8 @@ def _reap_group(pgid: int, timeout: float = 10.0) -> None:
         time.sleep(0.2)
 
 
-def test_refine3d_starts_from_our_outputs(tmp_path):
+@pytest.mark.parametrize("sym", ["C1", "D7"])
+def test_refine3d_starts_from_our_outputs(tmp_path, sym):
     project = tmp_path / "project"
     project.mkdir()
     star = make_particles(project)
@@ -71,7 +72,7 @@ def test_refine3d_starts_from_our_outputs(tmp_path):
     opts = [x for k, v in TINY.items() for x in (f"--{k.replace('_', '-')}", v)]
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "cryospin_relion.cli", "abinit", "--i", star, "--o", out, "--j", "2",
-                        "--quiet", "--json-summary", f"{out}/summary.json", *opts],
+                        "--quiet", "--json-summary", f"{out}/summary.json", "--sym", sym, *opts],
                        cwd=project, capture_output=True, text=True, timeout=300)
     t_abinit = time.monotonic() - t0
     assert r.returncode == 0, r.stderr[-3000:]
@@ -100,7 +101,7 @@ def test_refine3d_starts_from_our_outputs(tmp_path):
     cmd += ["--oversubscribe", "relion_refine_mpi", "--o", "Refine3D/job002/run", "--auto_refine",
             "--split_random_halves", "--i", f"{out}/particles.star", "--ref", f"{out}/map.mrc",
             "--ini_high", f"{ini_high:.1f}", "--firstiter_cc", "--ctf", "--particle_diameter", f"{0.8 * box * apix:.0f}",
-            "--sym", "C1", "--healpix_order", "1", "--auto_local_healpix_order", "3", "--offset_range", "3",
+            "--sym", sym, "--healpix_order", "1", "--auto_local_healpix_order", "3", "--offset_range", "3",
             "--offset_step", "1", "--pad", "1", "--j", "1", "--dont_combine_weights_via_disc", "--pool", "10"]
     log = open(refine / "run.out", "w")
     t0 = time.monotonic()
@@ -130,4 +131,4 @@ def test_refine3d_starts_from_our_outputs(tmp_path):
     assert len(data["particles"]) == len(parts)
     with mrcfile.open(refine / "run_it001_half1_class001.mrc", permissive=True, header_only=True) as m:
         assert int(m.header.nx) == box
-    print(f"abinit {t_abinit:.1f} s; relion_refine_mpi to iteration 1: {t_refine:.1f} s")
+    print(f"--sym {sym}: abinit {t_abinit:.1f} s; relion_refine_mpi to iteration 1: {t_refine:.1f} s")
