@@ -88,7 +88,7 @@ def test_two_ranks_equal_one_process_and_share_the_work(star, tmp_path):
     # the ranks share the work: 2 ranks at --j 1 cost well under twice the CPU of one process
     # (what is not shared: start-up, the per-batch slices of the global scan's rotations, the collectives)
     # start-up (imports, checks; torchrun's agent) measured by dry runs and left out. Measured on 2 cores:
-    # 22.0 against 14.5 CPU s on a quiet machine, 24.3 against 13.0 on a loaded one. What is not shared: the
+    # 15.6 against 12.4 CPU s on a quiet machine, 24.3 against 13.0 on a loaded one. What is not shared: the
     # per-batch work of the global scan (the slices of its 4,608 rotations, made by each rank) and the
     # collectives, large at these tiny batches. Ranks that each did the whole work would cost 2x or more.
     _, dry_one = _run_timed(_cmd(star, tmp_path / "dry1", 1, "--dry-run"))
