@@ -16,7 +16,7 @@ from cryospin_relion.config import SearchConfig
 from cryospin_relion.engine.particles import ParticleImages
 from cryospin_relion.engine.scores import ScoreSettings, confidence_from_gap, score_particles
 from cryospin_relion.engine.stage1 import search_poses
-from cryospin_relion.evaluate.blobs import simulate_blobs
+from cryospin_relion.evaluate.blobs import simulate_blobs, with_junk
 from cryospin_relion.geometry.ctf import CTF
 from cryospin_relion.geometry.fourier import ht3_centered
 from cryospin_relion.geometry.rotations import super_fibonacci_rotations
@@ -47,11 +47,8 @@ def junk_set():
     torch.set_num_threads(1)
     n, N = 32, 300
     d = simulate_blobs(n=n, N=N, apix=4.0, snr=0.3, seed=1)
-    junk = np.zeros(N, bool)
-    junk[np.random.default_rng(0).permutation(N)[: N // 5]] = True
-    J = torch.from_numpy(junk)
-    images = d["images"].clone()
-    images[J] = torch.randn(int(junk.sum()), n, n, generator=torch.Generator().manual_seed(5))
+    images, J = with_junk(d["images"], 0.2, seed=0)
+    junk = J.numpy()
     vol = HartleyVolume(n)
     with torch.no_grad():
         vol.values.copy_(ht3_centered(d["vol"].double()).float() / n / d["sigma"])

@@ -79,6 +79,18 @@ def simulate_blobs(n: int = 32, N: int = 2000, apix: float = 4.0, snr: float = 0
             "sigma": sigma}
 
 
+def with_junk(images: Tensor, fraction: float = 0.2, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A copy of ``images`` (N, n, n) in which a random ``fraction`` of them are pure white noise N(0, 1) (junk:
+    empty ice, failed picks, at the noise level of ``simulate_blobs``), and the (N,) bool mask of those."""
+    N = images.shape[0]
+    junk = torch.zeros(N, dtype=torch.bool)
+    junk[torch.randperm(N, generator=torch.Generator().manual_seed(seed))[: int(N * fraction)]] = True
+    out = images.clone()
+    out[junk] = torch.randn(int(junk.sum()), *images.shape[1:], generator=torch.Generator().manual_seed(seed + 5),
+                            dtype=images.dtype)
+    return out, junk
+
+
 def backproject_fsc(images, R, t, apix: float, ctf: CTF | None, vol_true: Tensor, chunk: int = 500) -> dict:
     """Reconstruct from given poses (in the truth's frame) and the FSC against the true map.
 
