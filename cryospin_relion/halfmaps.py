@@ -131,6 +131,8 @@ def reconstruct_halves(
     mask_outside: bool = True,
     progress: bool = True,
     symmetry: np.ndarray | None = None,
+    rows: np.ndarray | None = None,
+    reduce: Callable[[Accumulator], None] | None = None,
 ) -> HalfMaps:
     """Direct Fourier reconstruction of the two half sets and of all particles.
 
@@ -162,6 +164,10 @@ def reconstruct_halves(
             image is inserted once at each pose A @ S (the poses that give the same image of a map
             with V(S r) = V(r)), so all maps come out symmetric. None or the identity alone: C1,
             the same sums as without it.
+        rows: insert only these particles (indices, increasing; default all): a data-parallel rank's
+            share (engine/distributed.py).
+        reduce: called on each half's accumulator before the maps are made, e.g. to sum the ranks'
+            shares (``World.sum_`` of ``num`` and ``weight``); every rank then makes the same maps.
     Returns:
         HalfMaps(map, half1, half2, fsc, resolution); voxel size = ``output_apix``.
     """
@@ -200,9 +206,10 @@ def reconstruct_halves(
     accs = {1: Accumulator.zeros(n, pad, device=dev), 2: Accumulator.zeros(n, pad, device=dev)}
     from cryospin_relion.console import progress_bar
 
-    with progress_bar(n_part, f"backprojecting at {n} px", "img", enabled=progress) as bar:
-        for a in range(0, n_part, batch_size):
-            rows = np.arange(a, min(a + batch_size, n_part))
+    todo = np.arange(n_part) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+    with progress_bar(len(todo), f"backprojecting at {n} px", "img", enabled=progress) as bar:
+        for a in range(0, len(todo), batch_size):
+            rows = todo[a:a + batch_size]
             imgs = torch.from_numpy(np.ascontiguousarray(get(rows), dtype=np.float32))
             if imgs.shape[-1] != m or imgs.shape[-2] != m:
                 raise InputError(f"{table.source_file}: image size {tuple(imgs.shape[-2:])} differs from the "
@@ -222,6 +229,9 @@ def reconstruct_halves(
                     insert_images(accs[h], imgs[torch.as_tensor(sel, device=dev)], A if S is None else A @ S, t, ap,
                                   None if ctf is None else ctf[torch.as_tensor(r)], threads=threads)
             bar.update(len(rows))
+    if reduce is not None:
+        reduce(accs[1])
+        reduce(accs[2])
 
     finish = soft_mask_outside if mask_outside else (lambda v: v)
     half1 = finish(volume_from_accumulator(accs[1], tau).cpu().numpy())

@@ -81,6 +81,11 @@ def test_two_ranks_equal_one_process_and_share_the_work(star, tmp_path):
     half, top = (len(f) - 1) // 2, int(0.8 * (len(f) - 1))
     assert f[1:half + 1].min() >= 0.99 and f[1:top + 1].min() >= 0.95, f"maps differ: FSC {f.round(4)}"
     assert med < 1.0, f"poses differ: median {med:.2f} deg"
+    # the final scores are split over the ranks too: every particle scored, as in one process
+    s1, s2 = (starfile.read(tmp_path / d / "particles.star")["particles"] for d in ("one", "two"))
+    assert (s2["rlnCryospinLoss"] > 0).all()
+    c1, c2 = s1["rlnMaxValueProbDistribution"].to_numpy(), s2["rlnMaxValueProbDistribution"].to_numpy()
+    assert np.corrcoef(c1, c2)[0, 1] > 0.9 and np.median(np.abs(c1 - c2)) < 0.05, (c1[:8], c2[:8])
     # rank 0 alone writes and logs: one run.log, naming the ranks; the other rank prints nothing but errors
     log = (tmp_path / "two" / "run.log").read_text()
     assert "2 ranks (data parallel)" in log

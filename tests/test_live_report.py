@@ -91,7 +91,8 @@ def test_pdf_during_run_and_report_command(tmp_path, star, capsys):
                     "--epochs-autodecode", "1"]) == 0
     h = json.loads((out / "history.json").read_text())
     assert h["final_resolution_A"] > 0
-    names = [PDF_NAME, *(PNG_NAMES[k] for k in ("fsc", "loss", "view_directions", "central_slices"))]
+    names = [PDF_NAME, *(PNG_NAMES[k] for k in ("fsc", "loss", "view_directions", "central_slices",
+                                                      "scores"))]  # scores: particles.star's score columns
     for n in names:
         (out / n).unlink()
     capsys.readouterr()

@@ -92,6 +92,21 @@ def test_chunks_do_not_change_scores_and_exclusion_matters(junk_set):
     assert z_near < 0.3 * z_far, (z_near, z_far)
 
 
+def test_scores_of_row_shares_sum_to_the_whole(junk_set):
+    # a data-parallel rank scores its share (the other rows 0); the shares summed are the whole run's scores
+    s = junk_set
+    rows = torch.arange(60)
+    d = s["data"]
+    sub = ParticleImages(d.images[rows], d.apix[rows], d.ctf[rows], "cpu")
+    whole = score_particles(s["vol"], sub, s["R"][rows], s["t"][rows], ScoreSettings(chunk=16), "l1")
+    parts = [score_particles(s["vol"], sub, s["R"][rows], s["t"][rows], ScoreSettings(chunk=16), "l1",
+                             rows=torch.arange(a, b)) for a, b in ((0, 25), (25, 60))]
+    assert (parts[0].loss[25:] == 0).all() and (parts[0].loss[:25] > 0).all()
+    for name in ("loss", "gap", "noise"):
+        assert torch.allclose(getattr(parts[0], name) + getattr(parts[1], name), getattr(whole, name),
+                              rtol=1e-4, atol=1e-6), name
+
+
 def test_confidence_mapping_and_cutoff():
     gap = torch.tensor([-1.0, 0.0, 1.0, 10.0])
     c = confidence_from_gap(gap, torch.ones(4), 1.0)

@@ -160,6 +160,26 @@ def test_symmetrised_maps_are_invariant_and_c1_is_unchanged(projections):
     assert _min_fsc(sym.map, symmetrise_map(projections[1], "D7"), 0.6) > 0.9
 
 
+def test_backprojection_of_row_shares_reduced_is_the_whole(projections):
+    # data-parallel final maps (lifecycle/outputs.py): each rank inserts its rows, the accumulators are summed
+    table, imgs = _images(projections[0])
+    whole = reconstruct_halves(imgs, table, use_ctf=False, progress=False, threads=1)
+    n = len(table)
+    first: list = []
+    reconstruct_halves(imgs, table, use_ctf=False, progress=False, threads=1, rows=np.arange(n // 3),
+                       reduce=lambda acc: first.append((acc.num.clone(), acc.weight.clone())))
+
+    def add_first(acc, it=iter(first)):
+        num, weight = next(it)
+        acc.num += num
+        acc.weight += weight
+
+    summed = reconstruct_halves(imgs, table, use_ctf=False, progress=False, threads=1,
+                                rows=np.arange(n // 3, n), reduce=add_first)
+    for a, b in zip(whole[:4], summed[:4]):
+        assert np.allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(a).max()))
+
+
 def test_rotated_poses_reconstruct_the_rotated_map(projections):
     """rotate_poses(A, o, al) with the aligned map: reconstructing with the moved poses = moving the map."""
     table, imgs = _images(projections[0])

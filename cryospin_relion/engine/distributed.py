@@ -75,6 +75,18 @@ class World:
         t.copy_(c)
         return t
 
+    def from_main_(self, t: Tensor) -> Tensor:
+        """Rank 0's ``t`` on every rank, in place (a broadcast); returns ``t``."""
+        if self.alone:
+            return t
+        import torch.distributed as dist
+
+        c = t if t.device == self.comm_device else t.to(self.comm_device)
+        dist.broadcast(c, 0)
+        if c is not t:
+            t.copy_(c)
+        return t
+
     def sum_floats(self, values: Iterable[float]) -> list[float]:
         """Sum a few numbers over the ranks (one collective)."""
         v = list(values)

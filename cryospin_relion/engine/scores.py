@@ -139,9 +139,10 @@ def score_batch(volume, batch, R: Tensor, t: Tensor, grid_rot: Tensor, s: ScoreS
 @torch.no_grad()
 def score_particles(volume, data: ParticleImages, R: Tensor, t: Tensor, settings: ScoreSettings | None = None,
                     loss_kind: str = "l1", mask_radius: float = 1.0,
-                    on_chunk: Callable[[int, int], None] | None = None) -> PoseScores:
+                    on_chunk: Callable[[int, int], None] | None = None, rows: Tensor | None = None) -> PoseScores:
     """Scores of every particle of ``data`` at its final pose (R (N, 3, 3) RELION A, t (N, 2) working-box px,
-    any device/dtype), ``settings.chunk`` images at a time; ``on_chunk(done, total)`` after each chunk."""
+    any device/dtype), ``settings.chunk`` images at a time; ``on_chunk(done, total)`` after each chunk.
+    ``rows`` (increasing indices): score only these (a data-parallel rank's share); the other rows are 0."""
     s = settings or ScoreSettings()
     dev = data.device
     grid = volume.grid().detach()
@@ -150,14 +151,15 @@ def score_particles(volume, data: ParticleImages, R: Tensor, t: Tensor, settings
     t = torch.as_tensor(t).to(dev, torch.float32)
     if R.shape != (data.N, 3, 3) or t.shape != (data.N, 2):
         raise ValueError(f"poses {tuple(R.shape)}, {tuple(t.shape)} do not match {data.N} images")
-    out = [torch.empty(data.N) for _ in range(3)]
-    for a in range(0, data.N, s.chunk):
-        idx = torch.arange(a, min(data.N, a + s.chunk))
+    out = [torch.zeros(data.N) for _ in range(3)]
+    todo = torch.arange(data.N) if rows is None else torch.as_tensor(rows, dtype=torch.long).cpu()
+    for a in range(0, len(todo), s.chunk):
+        idx = todo[a:a + s.chunk]
         b = data.batch(idx, min(data.box, max(s.crop, s.loss_crop)), mask_radius, None)
         res = score_batch(volume, b, R[idx.to(dev)], t[idx.to(dev)], G, s, loss_kind, grid)
         for o, v in zip(out, res):
             o[idx] = v.float().cpu()
         if on_chunk is not None:
-            on_chunk(int(idx[-1]) + 1, data.N)
+            on_chunk(a + len(idx), len(todo))
     loss, gap, noise = out
     return PoseScores(confidence_from_gap(gap, noise, s.scale), loss, gap, noise)

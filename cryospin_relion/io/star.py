@@ -135,6 +135,14 @@ def _num(df: pd.DataFrame, col: str, path: Path, dtype=np.float64) -> np.ndarray
     return v.to_numpy(dtype=dtype)
 
 
+def _optional_num(df: pd.DataFrame, col: str) -> np.ndarray | None:
+    """An optional column as float64 numbers; None when absent or not all numbers (nothing needs it)."""
+    if col not in df.columns:
+        return None
+    v = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    return v if np.isfinite(v).all() else None
+
+
 def _shared_strings(names: pd.Series) -> np.ndarray:
     """(N,) object array of str in which equal names are one Python object (8 bytes per row, not ~80)."""
     codes, uniq = pd.factorize(names.astype(str))
@@ -278,13 +286,15 @@ def read_star(
             elif f"rlnOrigin{ax}" in joined.columns:  # pixels
                 shifts[:, k] = _num(joined, f"rlnOrigin{ax}", path) * apix
     subset = _num(joined, "rlnRandomSubset", path, np.int64) if "rlnRandomSubset" in joined.columns else None
+    scores = {attr: v for attr, (label, _) in SCORE_COLUMNS.items()  # a run's scores (written below)
+              if (v := _optional_num(joined, label)) is not None}
 
     return ParticleTable(
         source_file=str(path), source_format=fmt, stack_paths=loc.stack_paths, stack_indices=indices,
         box=int(box), apix=apix.astype(np.float64), ctf=ctf, rotations=rotations, shifts_A=shifts,
         subset=subset, optics_group=og.astype(np.int64), sign=1.0,
         raw={"optics": None if optics is None else optics.reset_index(drop=True), "particles": parts},
-        extra={"missing_stacks": loc.missing, "stack_names": _shared_strings(stack_names)},
+        extra={"missing_stacks": loc.missing, "stack_names": _shared_strings(stack_names)}, **scores,
     )
 
 

@@ -9,9 +9,10 @@ Exit codes: 0 done (or dry run), 2 bad input (InputError), 130 / 143 stopped by
 SIGINT / SIGTERM after a checkpoint (rerun with ``--continue``).
 
 Under ``torchrun`` (lifecycle/distributed.py) every rank checks the inputs and
-trains its share (engine/distributed.py); rank 0 alone creates the folder, builds
-the image cache, logs, and writes checkpoints and outputs; the other ranks print
-only errors.
+trains its share (engine/distributed.py), then scores and backprojects its share
+of the particles for the final maps; rank 0 alone creates the folder, builds the
+image cache, logs, and writes checkpoints and outputs; the other ranks print only
+errors.
 """
 
 from __future__ import annotations
@@ -196,9 +197,16 @@ class _Run:
             cache = build_cache(table, out, cfg.data.box, invert=cfg.data.invert, progress=False)
         apix_work = np.asarray(cache.apix, dtype=np.float64)
         use_ctf = not (cfg.data.no_ctf or table.ctf is None)
+        from cryospin_relion.lifecycle.symmetry import volume_constraint
+
+        constraint = volume_constraint(cfg.run.sym, cfg.run.sym_mode)  # --sym-mode impose: a symmetric volume
+        if constraint is not None:
+            log.info(f"--sym {cfg.run.sym} --sym-mode impose: the volume is kept {cfg.run.sym}-symmetric in RELION's "
+                     f"frame after every step ({len(constraint.operators)} operators)")
         engine = AbinitEngine(cache.images, torch.as_tensor(apix_work, dtype=torch.float32),
                               CTF.from_arrays(table.ctf) if use_ctf else None, cfg, device,
-                              progress=None if req.quiet or not main else run_progress(log), world=world)
+                              progress=None if req.quiet or not main else run_progress(log), world=world,
+                              volume_constraint=constraint)
         self.engine = engine
         self.ckpt = out / CHECKPOINT
         self.fingerprint = input_fingerprint(req.input, len(table))
@@ -248,17 +256,18 @@ class _Run:
                      f"rerun with --continue to resume")
             return stop.exit_code
         t_train = time.perf_counter() - self.t_start
-        if not main:
-            return 0
 
         from cryospin_relion.lifecycle.scores import compute_scores
 
+        # every rank scores and backprojects its share of the particles; rank 0 writes
         scores = compute_scores(engine, log)  # per-particle pose confidence and loss (lifecycle/scores.py)
         result = write_final_outputs(out, table, cache.images, apix_work, engine.final_poses(),
                                      engine.decoder_map().numpy(), flip_hand=cfg.run.flip_hand, seed=cfg.run.seed,
                                      use_ctf=use_ctf, write_cs=req.input.suffix.lower() == ".cs", device=device,
                                      progress=not req.quiet, log=log, mw_kda=cfg.data.mw_kda, scores=scores,
-                                     sym=cfg.run.sym)
+                                     sym=cfg.run.sym, world=world, sym_mode=cfg.run.sym_mode)
+        if not main:
+            return 0
         hist = self.history_json(final_resolution_A=result.resolution_A)
         write_json(out / "history.json", hist)
         total = time.perf_counter() - self.t_start

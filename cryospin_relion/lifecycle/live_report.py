@@ -126,8 +126,8 @@ def _read(path: Path, what: str, reader):
 def report_from_folder(folder: str | os.PathLike) -> dict[str, Path]:
     """Rewrite ``logfile.pdf`` and the PNGs of the run in ``folder`` from its files alone.
 
-    Reads history.json (required), fsc.txt, map.mrc (else decoder_map.mrc) and particles.star when
-    present. Returns make_report's {key: path}. Raises InputError for a folder without a readable
+    Reads history.json (required), fsc.txt, map.mrc (else decoder_map.mrc) and particles.star (poses,
+    and the score page when it has the scores) when present. Returns make_report's {key: path}. Raises InputError for a folder without a readable
     history.json or with an unreadable file."""
     from cryospin_relion.io.fsc_table import read_fsc
     from cryospin_relion.io.mrc import read_mrc
@@ -162,12 +162,17 @@ def report_from_folder(folder: str | os.PathLike) -> dict[str, Path]:
             elif apix is None and vapix:
                 apix = float(vapix)
             break
-    rotations, n_particles = None, None
+    rotations, n_particles, scores = None, None, None
     if (out / "particles.star").is_file():
         table = _read(out / "particles.star", "the particles",
                       lambda p: read_particles(p, check_stacks=False, no_ctf=True))
         n_particles = len(table)
         rotations = table.rotations
+        if table.confidence is not None:  # the score page, as the run drew it (lifecycle/scores.py)
+            from cryospin_relion.lifecycle.scores import suggest_cutoff
+
+            scores = {"confidence": table.confidence, "cutoff": suggest_cutoff(table.confidence),
+                      "loss": table.fit_loss}
 
     loss, times = history.get("loss") or [], history.get("time_s") or []
     finished = (out / "map.mrc").is_file() and history.get("final_resolution_A") is not None
@@ -185,4 +190,4 @@ def report_from_folder(folder: str | os.PathLike) -> dict[str, Path]:
         raise InputError(f"{hpath}: no epoch recorded yet: nothing to report")
     return make_report(out, fsc=fsc, fsc_resolution_A=history.get("final_resolution_A") if fsc is not None else None,
                        apix=apix, box=box, history=history, rotations=rotations, volume=volume, summary=summary,
-                       pose_error_history=history.get("pose_error"))
+                       pose_error_history=history.get("pose_error"), scores=scores)

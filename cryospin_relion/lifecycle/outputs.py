@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cryospin_relion.engine.distributed import ALONE, World
 from cryospin_relion.evaluate.orientation import DirectionalResolution, directional_resolution, orientation_efficiency
 from cryospin_relion.geometry.filters import lowpass, resample_box
 from cryospin_relion.geometry.hand import flip_poses_hand, flip_volume_hand
@@ -68,12 +69,17 @@ class FinalResult:
 
 def write_final_outputs(out: Path, table: ParticleTable, images, apix_work: np.ndarray, poses: tuple, decoder: np.ndarray,
                         *, flip_hand: bool, seed: int, use_ctf: bool, write_cs: bool, device, progress: bool,
-                        log: logging.Logger, mw_kda: float | None = None, scores=None, sym: str = "C1") -> FinalResult:
+                        log: logging.Logger, mw_kda: float | None = None, scores=None, sym: str = "C1",
+                        world: World = ALONE, sym_mode: str = "align") -> FinalResult | None:
     """Backproject the halves with the final ``poses`` (rotations (N, 3, 3), shifts (N, 2) working-box px,
     content translation) and write every output file; ``decoder`` is the learned map (n, n, n); ``mw_kda``
     (molecular weight, kDa) sets the ChimeraX script's contour levels; ``scores`` (lifecycle/scores.py
     ``ParticleScores``) go into the particle files; ``sym`` (RELION's point-group name): poses and maps in its
-    frame, half maps backprojected with its operators (lifecycle/symmetry.py)."""
+    frame, half maps backprojected with its operators (lifecycle/symmetry.py); ``sym_mode`` "impose": the run
+    kept the volume symmetric in that frame, nothing is moved and the C1 map is only scored.
+
+    Data parallel (``world``): every rank calls this; each backprojects its share of the particles, the
+    accumulators are summed, rank 0 writes the files and returns the result, the others return None."""
     R, t_px = poses
     box = int(decoder.shape[-1])
     if flip_hand:
@@ -82,19 +88,29 @@ def write_final_outputs(out: Path, table: ParticleTable, images, apix_work: np.n
     halves = table.halves(seed)
     apix_out = float(output_apix(table, box, box))
     from cryospin_relion.geometry.symmetry import parse_symmetry
-    from cryospin_relion.lifecycle.symmetry import to_symmetry_frame
+    from cryospin_relion.lifecycle.symmetry import imposed_frame, to_symmetry_frame
 
+    mine = None if world.alone else world.share(len(table)).numpy()
+    part = dict(rows=mine, reduce=None if world.alone else _summed(world), progress=progress and world.is_main)
     frame = None
     if parse_symmetry(sym) != "C1":  # the C1 maps first: the symmetry axes are searched on them
-        log.info("backprojecting the two halves with the final poses, C1 (to find the symmetry axes)")
+        log.info("backprojecting the two halves with the final poses, C1 (to "
+                 + ("check the symmetry)" if sym_mode == "impose" else "find the symmetry axes)"))
         c1 = reconstruct_halves(images, table, rotations=R, shifts_A=shifts_A, halves=halves, use_ctf=use_ctf,
-                                device=device, seed=seed, progress=progress)
-        frame = to_symmetry_frame(sym, R, shifts_A, c1.map, c1.fsc, decoder, apix_out, log)
+                                device=device, seed=seed, **part)
+        frame = (imposed_frame(sym, R, shifts_A, c1.map, c1.fsc, decoder, log) if sym_mode == "impose" else
+                 to_symmetry_frame(sym, R, shifts_A, c1.map, c1.fsc, decoder, apix_out, log))
         R, shifts_A, decoder = frame.rotations, frame.shifts_A, frame.decoder
+        if not world.alone:  # one frame for all ranks (the search runs on each; rank 0's counts)
+            import torch
+
+            R = world.from_main_(torch.from_numpy(np.ascontiguousarray(R, dtype=np.float64))).numpy()
+            shifts_A = world.from_main_(torch.from_numpy(np.ascontiguousarray(shifts_A, dtype=np.float64))).numpy()
     log.info("backprojecting the two halves with the final poses" + (f", symmetry {frame.sym}" if frame else ""))
     hm = reconstruct_halves(images, table, rotations=R, shifts_A=shifts_A, halves=halves, use_ctf=use_ctf,
-                            device=device, seed=seed, progress=progress,
-                            symmetry=None if frame is None else frame.operators)
+                            device=device, seed=seed, symmetry=None if frame is None else frame.operators, **part)
+    if not world.is_main:
+        return None
     res = float(hm.resolution)
     pbox, papix = int(table.box), float(output_apix(table, int(table.box), int(table.box)))
     maps = {"map.mrc": resample_box(lowpass(hm.map, res, apix_out), pbox),
@@ -112,6 +128,14 @@ def write_final_outputs(out: Path, table: ParticleTable, images, apix_work: np.n
         write_particles(new, out / "particles.cs")
     eff, directional = orientation_diagnostics(R, hm.half1, hm.half2, apix_out, log)
     return FinalResult(res, apix_out, box, hm.fsc, hm.map, R, eff, directional, scores, frame)
+
+
+def _summed(world: World):
+    """``reduce`` for ``reconstruct_halves``: a half's accumulator summed over the ranks."""
+    def reduce(acc) -> None:
+        world.sum_(acc.num)
+        world.sum_(acc.weight)
+    return reduce
 
 
 def orientation_diagnostics(R, half1, half2, apix: float, log: logging.Logger):

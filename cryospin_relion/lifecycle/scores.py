@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cryospin_relion.engine.scores import PoseScores, ScoreSettings, score_particles
+from cryospin_relion.engine.scores import PoseScores, ScoreSettings, confidence_from_gap, score_particles
 
 
 @dataclass
@@ -62,21 +62,32 @@ def suggest_cutoff(values: np.ndarray, bins: int = 100) -> float:
 
 def compute_scores(engine, log: logging.Logger, settings: ScoreSettings | None = None) -> ParticleScores | None:
     """Scores of every particle of a finished ``engine`` (its ``volume``, ``final_poses()``, ``data``);
-    None (logged) when they fail: the scores must never fail a run whose maps are done."""
+    None (logged) when they fail: the scores must never fail a run whose maps are done.
+
+    Data parallel (``engine.world``): every rank calls this, scores its share of the particles, and the
+    shares are summed (every rank gets all scores; whether they failed is decided together)."""
     t0 = time.perf_counter()
     s = settings or ScoreSettings()
-    bar = engine.progress
+    bar, world = engine.progress, engine.world
+    mine = None if world.alone else world.share(engine.data.N)
+    ps: PoseScores | None = None
     try:
         R, t = engine.final_poses()
-        bar.start(f"particle scores, {engine.data.N} particles", -(-engine.data.N // s.chunk), 0)
+        n = engine.data.N if mine is None else len(mine)
+        bar.start(f"particle scores, {n} particles", -(-n // s.chunk), 0)
         try:
-            ps: PoseScores = score_particles(engine.volume, engine.data, R, t, s, engine.cfg.model.loss,
-                                             engine.cfg.model.mask_radius, lambda done, total: bar.update(None, None))
+            ps = score_particles(engine.volume, engine.data, R, t, s, engine.cfg.model.loss,
+                                 engine.cfg.model.mask_radius, lambda done, total: bar.update(None, None), rows=mine)
         finally:
             bar.close()
     except Exception as e:  # noqa: BLE001 - logged; the run's other outputs go on
         log.info(f"particle scores not computed: {type(e).__name__}: {e}")
+    if world.any(ps is None)[0]:  # a rank failed: no scores anywhere (and no rank left in a collective)
         return None
+    if not world.alone:  # the shares are zero elsewhere: summing gives every row from its rank
+        for v in (ps.loss, ps.gap, ps.noise):
+            world.sum_(v)
+        ps = PoseScores(confidence_from_gap(ps.gap, ps.noise, s.scale), ps.loss, ps.gap, ps.noise)
     conf = ps.confidence.double().numpy()
     out = ParticleScores(conf, ps.loss.double().numpy(), (ps.gap / ps.noise).double().numpy(),
                          suggest_cutoff(conf), time.perf_counter() - t0)
