@@ -29,6 +29,7 @@ from cryosparc.dataset import Dataset
 from cryospin_relion.cli import command_argv
 from cryospin_relion.errors import InputError
 from cryospin_relion.io.cs import ALIGN_FIELDS, alignments_fields, load_cs, project_paths, set_alignments
+from cryospin_relion.io.particles import SCORE_COLUMNS
 
 __all__ = [
     "ALIGN_FIELDS",
@@ -147,7 +148,10 @@ def _rows_by_uid(want: np.ndarray, have: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def particles_output_from_result(input_ds: Dataset, result_ds: Dataset) -> Dataset:
-    """Copy the four alignments3D fields of ``result_ds`` (abinit's particles.cs) onto ``input_ds``.
+    """Copy the four alignments3D fields of ``result_ds`` (abinit's particles.cs) onto ``input_ds``, and its
+    ``alignments3D/error`` (the run's per-particle loss, lifecycle/scores.py) when it has one (the
+    ``cryospin/confidence`` score has no slot in a cryoSPARC particle output; ``cryospin select`` reads
+    it from abinit's own particles.cs).
 
     Rows are matched by ``uid`` when both have uids (the result may be in any
     order or a subset: particles missing from it are an error), else by position.
@@ -165,7 +169,12 @@ def particles_output_from_result(input_ds: Dataset, result_ds: Dataset) -> Datas
         if len(result_ds) != n:
             raise InputError(f"result particles: {len(result_ds)} rows for {n} input particles (no uid to match)")
         rows = np.arange(n)
-    return set_alignments(input_ds.copy(), {f: np.asarray(result_ds[f])[rows] for f, *_ in ALIGN_FIELDS})
+    out = set_alignments(input_ds.copy(), {f: np.asarray(result_ds[f])[rows] for f, *_ in ALIGN_FIELDS})
+    error = SCORE_COLUMNS["fit_loss"][1]  # the run's per-particle loss, where cryoSPARC keeps its own
+    if error in rfields:
+        out.add_fields([(error, "f4")])
+        out[error] = np.asarray(result_ds[error], dtype=np.float32)[rows]
+    return out
 
 
 def fill_allocated(allocated: Dataset, built: Dataset) -> Dataset:

@@ -520,6 +520,8 @@ def test_run_job_with_real_abinit_and_stand_in_server(empiar, shared_data, tmp_p
     A = cryosparc_pose_to_relion(parts["alignments3D/pose"].astype(np.float64))
     assert np.allclose(np.einsum("nij,nkj->nik", A, A), np.eye(3), atol=1e-5)
     assert set(np.unique(parts["alignments3D/split"]).tolist()) <= {0, 1}
+    # the run's per-particle loss reaches cryoSPARC where its own jobs keep theirs (lifecycle/scores.py)
+    assert (parts["alignments3D/error"] > 0).all()
     # the uploaded maps are the abinit maps, with the voxel size in their headers
     import mrcfile
 
