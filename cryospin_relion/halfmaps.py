@@ -20,7 +20,8 @@ import torch
 
 from cryospin_relion.device import resolve_device
 from cryospin_relion.errors import InputError
-from cryospin_relion.geometry.backproject import Accumulator, insert_images, volume_from_accumulator
+from cryospin_relion.geometry.backproject import (Accumulator, insert_images, symmetrise_accumulator,
+                                                   volume_from_accumulator)
 from cryospin_relion.geometry.ctf import CTF
 from cryospin_relion.geometry.fourier import fourier_crop_2d
 from cryospin_relion.geometry.fsc import fsc, resolution_at
@@ -161,8 +162,9 @@ def reconstruct_halves(
             with relion_reconstruct --ctf to FSC > 0.99 on noisy data.
         progress: show progress (a tqdm bar at a terminal, plain lines otherwise; cryospin_relion/console.py).
         symmetry: (G, 3, 3) point-group operators S (``geometry.symmetry.symmetry_operators``): every
-            image is inserted once at each pose A @ S (the poses that give the same image of a map
-            with V(S r) = V(r)), so all maps come out symmetric. None or the identity alone: C1,
+            image counts once at each pose A @ S (the poses that give the same image of a map
+            with V(S r) = V(r)), so all maps come out symmetric (``symmetrise_accumulator``: the
+            C1 sums resampled once per operator). None or the identity alone: C1,
             the same sums as without it.
         rows: insert only these particles (indices, increasing; default all): a data-parallel rank's
             share (engine/distributed.py).
@@ -198,11 +200,11 @@ def reconstruct_halves(
 
     if batch_size is None:
         batch_size = int(min(8192, max(64, (1 << 25) // (m * m))))
-    ops: list = [None]  # C1: the poses as they are
+    sym = None  # C1: the poses as they are
     if symmetry is not None:
         sym = torch.as_tensor(np.asarray(symmetry, dtype=np.float64)).reshape(-1, 3, 3)
-        if not (sym.shape[0] == 1 and torch.equal(sym[0], torch.eye(3, dtype=torch.float64))):
-            ops = list(sym)
+        if sym.shape[0] == 1 and torch.equal(sym[0], torch.eye(3, dtype=torch.float64)):
+            sym = None
     accs = {1: Accumulator.zeros(n, pad, device=dev), 2: Accumulator.zeros(n, pad, device=dev)}
     from cryospin_relion.console import progress_bar
 
@@ -225,13 +227,15 @@ def reconstruct_halves(
                 ap = torch.as_tensor(apix_all[r], dtype=torch.float64)
                 t = origin_to_translation(torch.as_tensor(sh[r], dtype=torch.float64), ap)
                 A = torch.as_tensor(rot[r], dtype=torch.float64)
-                for S in ops:  # one pass per operator: G copies of a batch would not fit in memory
-                    insert_images(accs[h], imgs[torch.as_tensor(sel, device=dev)], A if S is None else A @ S, t, ap,
-                                  None if ctf is None else ctf[torch.as_tensor(r)], threads=threads)
+                insert_images(accs[h], imgs[torch.as_tensor(sel, device=dev)], A, t, ap,
+                              None if ctf is None else ctf[torch.as_tensor(r)], threads=threads)
             bar.update(len(rows))
     if reduce is not None:
         reduce(accs[1])
         reduce(accs[2])
+    if sym is not None:  # every image at every A @ S: the C1 sums resampled once per operator
+        for h in (1, 2):
+            symmetrise_accumulator(accs[h], sym.to(dev), threads)
 
     finish = soft_mask_outside if mask_outside else (lambda v: v)
     half1 = finish(volume_from_accumulator(accs[1], tau).cpu().numpy())

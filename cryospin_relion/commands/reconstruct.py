@@ -17,8 +17,9 @@ diameter = box (3 px raised-cosine edge) to suppress corner noise.
 With --box smaller than the images they are Fourier-cropped and the voxel size
 grows accordingly.
 With --sym (RELION's point-group names and axes, e.g. C4, D7, T, O, I; as
-relion_reconstruct --sym) every image is also inserted at each of its
-symmetry-equivalent poses A @ S, so the half maps and the map are symmetric.
+relion_reconstruct --sym) every image also counts at each of its
+symmetry-equivalent poses A @ S, so the half maps and the map are symmetric
+(as RELION does, the Fourier sums are resampled once per operator).
 """
 
 from __future__ import annotations
