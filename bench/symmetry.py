@@ -1,7 +1,7 @@
 """Point-group symmetry on a whole pipeline (prints figures; not a test).
 
     python bench/symmetry.py [--n 2000] [--box 32] [--snr 0.5] [--sym D7] [--j 2] [--quick] [--refine]
-                             [--work DIR]
+                             [--modes align,impose] [--no-c1] [--work DIR]
 
 1. Data: a pseudo-atomic map symmetrised under --sym (geometry/symmetry.py, RELION's
    frame), and the same map without symmetry; relion_project --ctf of each at random
@@ -9,12 +9,13 @@
 2. Symmetry scores (evaluate/symmetry_align.py) of: the truths, relion_reconstruct
    --ctf (C1) maps from the noisy images with the true poses, under C4, D7, T, O, I:
    where symmetric and asymmetric maps fall, for lifecycle/symmetry.SCORE_WARN_BELOW.
-3. cryospin abinit on the symmetric data with --sym C1 and with --sym SYM (same seed):
-   wall time, the run's symmetry score, FSC 0.5 / 0.143 of map.mrc against the truth
-   (``cryospin compare``: aligned over rotations and the hand), and for --sym the FSC
-   of map.mrc against the truth in RELION's frame *without* alignment (up to the
-   frame's alternatives and the hand): whether the run ended in RELION's frame.
-   The same for abinit --sym SYM on the asymmetric data (the warning should appear).
+3. cryospin abinit on the symmetric data with --sym C1 (unless --no-c1) and with --sym SYM
+   for each --sym-mode of --modes (same seed): wall time, the run's symmetry score,
+   FSC 0.5 / 0.143 of map.mrc against the truth (``cryospin compare``: aligned over
+   rotations and the hand), and for --sym the FSC of map.mrc against the truth in
+   RELION's frame *without* alignment (up to the frame's alternatives and the hand):
+   whether the run ended in RELION's frame. The same for abinit --sym SYM on the
+   asymmetric data, each mode (the warning should appear).
 4. --refine: relion_refine --auto_refine --sym SYM continuing from the --sym run
    (its particles.star, map.mrc as --ref, --ini_high 2x the run's resolution):
    final resolution and FSC against the truth.
@@ -85,11 +86,12 @@ def in_frame_fsc(m: np.ndarray, truth: np.ndarray, sym: str) -> float:
     return best
 
 
-def abinit(work: Path, name: str, star: Path, sym: str, j: int, quick: bool) -> dict:
+def abinit(work: Path, name: str, star: Path, sym: str, j: int, quick: bool, mode: str = "align") -> dict:
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
     extra = ["--epochs-amortized", "4", "--min-epochs-amortized", "3", "--epochs-autodecode", "2",
              "--stage1-trials", "1"] if quick else []
+    extra += ["--sym-mode", mode]
     wall = sh(["cryospin", "abinit", "--i", str(star), "--o", str(out), "--j", str(j), "--quiet", "--sym", sym,
                "--json-summary", str(work / f"{name}.json"), *extra], star.parent)
     summary = json.loads((work / f"{name}.json").read_text())
@@ -112,6 +114,8 @@ def main() -> None:
     p.add_argument("--refine", action="store_true", help="also relion_refine --auto_refine --sym from the --sym run")
     p.add_argument("--work", default="bench_symmetry_work")
     p.add_argument("--refine-only", action="store_true", help="only step 4, from the runs already in --work")
+    p.add_argument("--modes", default="align,impose", help="--sym-mode values to run, comma-separated")
+    p.add_argument("--no-c1", action="store_true", help="skip the --sym C1 run")
     a = p.parse_args()
     torch.set_num_threads(a.j)
     work = Path(a.work).resolve()
@@ -138,9 +142,13 @@ def main() -> None:
     for name, m in maps.items():
         print(f"  {name:44s}" + "".join(f"{symmetry_score(m, g):7.3f}" for g in groups), flush=True)
 
-    rows = {f"abinit --sym C1, {a.sym} data": abinit(work, "run_c1", star_s, "C1", a.j, a.quick),
-            f"abinit --sym {a.sym}, {a.sym} data": abinit(work, "run_sym", star_s, a.sym, a.j, a.quick),
-            f"abinit --sym {a.sym}, asym data": abinit(work, "run_sym_asym", star_a, a.sym, a.j, a.quick)}
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    rows = {} if a.no_c1 else {f"--sym C1, {a.sym} data": abinit(work, "run_c1", star_s, "C1", a.j, a.quick)}
+    for mode in modes:
+        suffix = "" if mode == "align" else f"_{mode}"  # align keeps the folder names that --refine reads
+        rows[f"--sym {a.sym} {mode}, {a.sym} data"] = abinit(work, f"run_sym{suffix}", star_s, a.sym, a.j, a.quick, mode)
+        rows[f"--sym {a.sym} {mode}, asym data"] = abinit(work, f"run_sym_asym{suffix}", star_a, a.sym, a.j, a.quick,
+                                                          mode)
     print(f"\nabinit ({'quick schedule' if a.quick else 'default schedule'}), FSC vs the truth after alignment:")
     print(f"  {'run':30s} {'wall s':>7s} {'score':>7s} {'FSC0.5 A':>9s} {'FSC0.143 A':>11s} {'in-frame 0.5':>13s}  warnings")
     for name, r in rows.items():
@@ -159,10 +167,10 @@ def main() -> None:
     sh(["cryospin", "compare", "--map", str(known / "map.mrc"), "--ref", str(star_s.parent / "truth.mrc"),
         "--json", str(work / "known_compare.json"), "--quiet"], work)
     lim = json.loads((work / "known_compare.json").read_text())["fsc_0.5_A"]
-    got = rows[f"abinit --sym {a.sym}, {a.sym} data"]["fsc05"]
-    c1 = rows[f"abinit --sym C1, {a.sym} data"]["fsc05"]
-    print(f"\nknown poses, reconstruct --sym {a.sym}: FSC0.5 {lim:.2f} A; abinit --sym {a.sym} {got:.2f} A "
-          f"({got / lim:.2f}x the limit; target 1.15x), --sym C1 {c1:.2f} A ({c1 / lim:.2f}x)", flush=True)
+    print(f"\nknown poses, reconstruct --sym {a.sym}: FSC0.5 {lim:.2f} A (target: abinit within 1.15x)")
+    for name, r in rows.items():
+        if "asym data" not in name:
+            print(f"  abinit {name}: {r['fsc05']:.2f} A, {r['fsc05'] / lim:.2f}x the limit", flush=True)
 
     if a.refine:
         refine(work, a, symm)

@@ -37,9 +37,16 @@ Preset = Literal["fast", "paper"]
 Loss = Literal["l1", "l2"]
 VolumeParam = Literal["linear", "expmant"]
 Device = Literal["auto", "cpu", "cuda"]
+SymMode = Literal["align", "impose"]
+FirstPose = Literal["amortized", "search", "heads"]
 
 COMMAND_LINE = "command line"  # the source of flags: messages name the flag, not the option
 GROUP_MAIN, GROUP_SCHEDULE, GROUP_SEARCH = None, "schedule", "stage-1 pose search (beyond the reference; docs/method.md)"
+# engine/stage1.py first_poses; bench/amortize.py --measure-rule (10,000 ribosome images, box 64, SNR 0.1, 2,048 of
+# the particles outside the stage-1 subset): fit / reference of right-basin poses (the search's, within 15 deg of
+# the truth) median 0.79, 1st percentile 0.23; of wrong-basin head-local poses (> 15 deg) median -0.19, 99th
+# percentile 0.28. At 0.3: 99.1% of the wrong-basin images go to the scan, 98.1% of right-basin poses would not
+FIRST_POSE_SCAN_BELOW = 0.3
 
 
 def opt(default: Any, help: str, *, flag: str | bool = False, metavar: str | None = None, off_flag: str | None = None,
@@ -187,6 +194,17 @@ class SearchConfig:
                                   flag="explore-shift", metavar="PX", group=GROUP_SEARCH)
     distill_weight: float = opt(1.0, "weight of the head-to-winner distillation term (default {default})",
                                 flag=True, metavar="W", group=GROUP_SEARCH)
+    # search stays the default: after a CPU-length stage 1 the heads' head-local pose is in a wrong basin for 95%
+    # of new particles (median error 106 deg against 4.5 for the search; bench/amortize.py), so amortized sends
+    # ~96% of them to the scan anyway and saves nothing; it pays once the encoder has learned the poses
+    first_pose: FirstPose = opt(
+        "search", "first poses of the particles outside the stage-1 subset: search (the global scan + refinement "
+        "for every image), amortized (the encoder's heads + local refinement, the global scan only for the images "
+        "whose fit is poor), heads (the best head) (default {default})", flag=True, group=GROUP_SEARCH)
+    first_pose_scan_below: float = opt(
+        FIRST_POSE_SCAN_BELOW, "amortized first poses: the global scan for the images whose head-local fit "
+        "(1 - loss / empty-model loss) is below F x the median fit of stage-1 subset images at their remembered "
+        "poses; 0 = never (default {default})", flag=True, metavar="F", group=GROUP_SEARCH)
 
     @property
     def enabled(self) -> bool:
@@ -201,9 +219,12 @@ class RunConfig:
     device: Device = opt("auto", "compute device (default auto)", flag=True, resumable=True)
     threads: int = opt(0, "CPU threads (default: torch's default)", flag="j", metavar="N", resumable=True)
     flip_hand: bool = opt(False, "mirror the result (maps and poses)", flag=True, resumable=True)
-    sym: str = opt("C1", "point group of the final maps, RELION's names and axes: C1, Cn, Dn, T, O, I (= I2), "
-                   "I1..I4; the C1 result is rotated into that frame and backprojected with the symmetry "
-                   "(default {default})", flag=True, resumable=True)
+    sym: str = opt("C1", "point group, RELION's names and axes: C1, Cn, Dn, T, O, I (= I2), I1..I4; the maps "
+                   "and poses end in RELION's frame of it, the half maps backprojected with the symmetry "
+                   "(--sym-mode) (default {default})", flag=True, resumable=True)
+    sym_mode: SymMode = opt("align", "with --sym: align (the run in C1, its map rotated into the group's frame "
+                            "at the end) or impose (the volume kept symmetric in that frame from the start) "
+                            "(default {default})", flag=True)
     checkpoint_minutes: float = opt(10.0, "also checkpoint mid-epoch after this many minutes (0 = epochs only)",
                                     resumable=True)
 
@@ -316,6 +337,8 @@ class AbinitConfig:
             bad("sym", "is not a point group: use C1, Cn, Dn (n >= 1), T, O, I (= I2) or I1..I4")
         if d["mw_kda"] is not None and not 0 < d["mw_kda"] < float("inf"):
             bad("mw_kda", "must be a molecular weight in kDa > 0")
+        if not 0 <= d["first_pose_scan_below"] <= 1:
+            bad("first_pose_scan_below", "must be in [0, 1] (a fraction of the stage-1 subset's median fit)")
         if len(d["pose_betas"]) != 2 or not all(0 <= b < 1 for b in d["pose_betas"]):
             bad("pose_betas", "must be two numbers in [0, 1)")
         for o in _OPTIONS.values():  # every other number is a count, a rate or a bound: >= 0
@@ -326,7 +349,13 @@ class AbinitConfig:
 
     def resume_changes(self, old: dict[str, Any]) -> list[str]:
         """Options of a checkpoint's flat config ``old`` that differ here and may not change on --continue."""
-        return sorted(k for k, v in self.to_dict().items() if k not in RESUMABLE and k in old and old[k] != v)
+        changed = [k for k, v in self.to_dict().items() if k not in RESUMABLE and k in old and old[k] != v]
+        if self.run.sym_mode == "impose" and "sym" in old:  # the volume was kept symmetric under old["sym"]
+            from cryospin_relion.geometry.symmetry import parse_symmetry
+
+            if parse_symmetry(old["sym"]) != parse_symmetry(self.run.sym):
+                changed.append("sym")
+        return sorted(changed)
 
     # -- YAML -----------------------------------------------------------------------------------
     @classmethod

@@ -76,17 +76,20 @@ def test_confidence_separates_junk_from_particles(junk_set):
     assert sc.loss.shape == (len(junk),) and (sc.loss > 0).all()
 
 
+def _first(s: dict, n: int, settings: ScoreSettings, **kw):
+    """Scores of the junk set's first ``n`` particles."""
+    rows, d = torch.arange(n), s["data"]
+    sub = ParticleImages(d.images[rows], d.apix[rows], d.ctf[rows], "cpu")
+    return score_particles(s["vol"], sub, s["R"][rows], s["t"][rows], settings, "l1", **kw)
+
+
 def test_chunks_do_not_change_scores_and_exclusion_matters(junk_set):
     s = junk_set
-    rows = torch.arange(40)
-    d = s["data"]
-    sub = ParticleImages(d.images[rows], d.apix[rows], d.ctf[rows], "cpu")
-    a = score_particles(s["vol"], sub, s["R"][rows], s["t"][rows], ScoreSettings(chunk=7), "l1")
-    b = score_particles(s["vol"], sub, s["R"][rows], s["t"][rows], ScoreSettings(chunk=40), "l1")
+    a, b = _first(s, 40, ScoreSettings(chunk=7)), _first(s, 40, ScoreSettings(chunk=40))
     for x, y in ((a.confidence, b.confidence), (a.loss, b.loss), (a.gap, b.gap)):
         assert torch.allclose(x, y, rtol=1e-4, atol=1e-6)
     # without the excluded cap the "far" pose may be the final pose's neighbour: the gap collapses
-    near = score_particles(s["vol"], sub, s["R"][rows], s["t"][rows], ScoreSettings(exclude_deg=0.0), "l1")
+    near = _first(s, 40, ScoreSettings(exclude_deg=0.0))
     good = ~torch.from_numpy(s["junk"][:40])
     z_near, z_far = float((near.gap / near.noise)[good].median()), float((a.gap / a.noise)[good].median())
     assert z_near < 0.3 * z_far, (z_near, z_far)
@@ -94,13 +97,8 @@ def test_chunks_do_not_change_scores_and_exclusion_matters(junk_set):
 
 def test_scores_of_row_shares_sum_to_the_whole(junk_set):
     # a data-parallel rank scores its share (the other rows 0); the shares summed are the whole run's scores
-    s = junk_set
-    rows = torch.arange(60)
-    d = s["data"]
-    sub = ParticleImages(d.images[rows], d.apix[rows], d.ctf[rows], "cpu")
-    whole = score_particles(s["vol"], sub, s["R"][rows], s["t"][rows], ScoreSettings(chunk=16), "l1")
-    parts = [score_particles(s["vol"], sub, s["R"][rows], s["t"][rows], ScoreSettings(chunk=16), "l1",
-                             rows=torch.arange(a, b)) for a, b in ((0, 25), (25, 60))]
+    whole = _first(junk_set, 60, ScoreSettings(chunk=16))
+    parts = [_first(junk_set, 60, ScoreSettings(chunk=16), rows=torch.arange(a, b)) for a, b in ((0, 25), (25, 60))]
     assert (parts[0].loss[25:] == 0).all() and (parts[0].loss[:25] > 0).all()
     for name in ("loss", "gap", "noise"):
         assert torch.allclose(getattr(parts[0], name) + getattr(parts[1], name), getattr(whole, name),

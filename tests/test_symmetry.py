@@ -22,7 +22,7 @@ from cryospin_relion.config import AbinitConfig
 from cryospin_relion.errors import InputError
 from cryospin_relion.evaluate.align import transform_volume
 from cryospin_relion.evaluate.symmetry_align import (
-    SymmetryAlignment, align_symmetry, apply_alignment, rotate_poses, symmetrise_map, symmetry_score,
+    SymmetryAlignment, align_symmetry, apply_alignment, operator_spread, rotate_poses, symmetrise_map, symmetry_score,
 )
 from cryospin_relion.geometry.fsc import fsc
 from cryospin_relion.geometry.rotations import matrix_to_euler_np, random_rotations
@@ -243,7 +243,7 @@ def test_final_outputs_with_sym(tmp_path):
                               write_cs=False, device="cpu", progress=False, log=log, sym="D7")
     summary = add_orientation_summary({}, res, log)
     assert summary["symmetry"] == "D7"
-    assert not any("symmetric" in w for w in summary.get("warnings", [])), summary
+    assert not any("--sym" in w for w in summary.get("warnings", [])), summary  # neither symmetry warning
     assert summary["symmetry_score"] > 0.6  # box 16: the rotated copies lose a little at every shell
     dec = mrcfile.read(out / "decoder_map.mrc")
     assert _corr(symmetrise_map(dec, "D7"), dec) > 0.99  # in RELION's D7 frame
@@ -268,5 +268,23 @@ def test_symmetry_warning_and_summary():
     low, high = frame(0.05), frame(0.9)
     assert high.warning() is None and "not D7-symmetric" in low.warning() and "--sym D7" in low.warning()
     assert low.summary()["symmetry_score"] == 0.05 and low.summary()["symmetry"] == "D7"
+    # a good mean score with operators that disagree (part of the group fits): the other warning
+    part = SymmetryFrame("D7", symmetry_operators("D7"), np.zeros((0, 3, 3)), np.zeros((0, 2)),
+                         np.zeros((4, 4, 4)), SymmetryAlignment("D7", np.eye(3), np.zeros(3), np.zeros(3), 0.45,
+                                                                0.45, 0.3))
+    assert "some operators of D7 fit" in part.warning() and part.summary()["symmetry_operator_spread"] == 0.3
+
+
+def test_operator_spread_tells_a_wrong_group_that_the_mean_score_passes(projections):
+    # the blind spot of the mean score: C4 asked of a D7 map (its two-fold fits, its four-fold does not)
+    from cryospin_relion.lifecycle.symmetry import SPREAD_WARN_BELOW
+
+    d7 = symmetrise_map(projections[1], "D7")
+    right, wrong = align_symmetry(d7, "D7"), align_symmetry(d7, "C4")
+    print(f"D7 map: under D7 score {right.score:.3f} spread {right.spread:.3f}; "
+          f"under C4 score {wrong.score:.3f} spread {wrong.spread:.3f}")
+    assert right.spread > 0.9 and right.score > 0.9
+    assert wrong.spread < SPREAD_WARN_BELOW
+    assert operator_spread(apply_alignment(d7, right), "D7") == pytest.approx(right.spread, abs=0.05)
 
 

@@ -1,7 +1,8 @@
 """What a run records per epoch: typed records, and their one on-disk layout (``history.json``).
 
 ``EpochRecord`` is one finished epoch; ``History`` the run's list of them with the
-events of the schedule (the switch, the stage-1 starts, the first-pose pass).
+events of the schedule (the switch, the stage-1 starts, the first-pose pass:
+``FirstPoseRecord``).
 ``History.to_json()`` is the layout of ``history.json`` -- one list per field,
 indexed like ``epoch`` -- which the report (``report/``) reads, so that a report
 can be made again from a run's folder alone. ``EpochTally`` sums one epoch's
@@ -13,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-# where an image's overall stage-1 winner came from (engine/stage1.py ``search_poses``)
+# where an image's overall stage-1 winner came from (engine/stage1.py ``search_poses``), and where the
+# first pose of a particle outside the stage-1 subset came from (engine/stage1.py ``first_poses``)
 WINNER_SOURCES = ("heads", "memory", "local", "global")
 
 
@@ -92,6 +94,27 @@ class TrialsRecord:
 
 
 @dataclass
+class FirstPoseRecord:
+    """The first-pose pass of the particles outside the stage-1 subset (config ``first_pose``): how many, how
+    many were sent to the global scan, and where each one's pose came from (WINNER_SOURCES -> images: a head as
+    it is, the remembered start's basin, refinement around a head, the global scan's basin)."""
+
+    mode: str  # amortized | search | heads
+    particles: int
+    scanned: int
+    sources: dict[str, int]
+    seconds: float = 0.0
+    scan_below: float | None = None  # the fit under which an image went to the scan (amortized)
+
+    def shares(self) -> dict[str, float]:
+        return {k: v / max(1, self.particles) for k, v in self.sources.items()}
+
+    @property
+    def images_per_s(self) -> float:
+        return self.particles / max(self.seconds, 1e-9)
+
+
+@dataclass
 class History:
     """The per-epoch records of a run and the events of its schedule."""
 
@@ -99,6 +122,7 @@ class History:
     switch_epoch: int | None = None  # stage-1 epochs when stage 2 began
     trials: TrialsRecord | None = None
     assign_s: float | None = None  # time of the first-pose pass of the particles outside the stage-1 subset
+    first_poses: FirstPoseRecord | None = None  # that pass
 
     def __len__(self) -> int:
         return len(self.epochs)
@@ -122,13 +146,15 @@ class History:
     # -- the on-disk layout and the checkpoint ------------------------------------------------
     def to_json(self) -> dict:
         """``history.json``: {field: [value per epoch]} for every EpochRecord field, plus switch_epoch,
-        and ``trials`` / ``assign_s`` when they happened."""
+        and ``trials`` / ``assign_s`` / ``first_poses`` when they happened."""
         out: dict = {f.name: self.column(f.name) for f in dataclasses.fields(EpochRecord)}
         out["switch_epoch"] = self.switch_epoch
         if self.trials is not None:
             out["trials"] = dataclasses.asdict(self.trials)
         if self.assign_s is not None:
             out["assign_s"] = self.assign_s
+        if self.first_poses is not None:
+            out["first_poses"] = dataclasses.asdict(self.first_poses)
         return out
 
     def state_dict(self) -> dict:
@@ -137,7 +163,8 @@ class History:
     @classmethod
     def from_state(cls, d: dict) -> "History":
         return cls(epochs=[EpochRecord(**e) for e in d["epochs"]], switch_epoch=d["switch_epoch"],
-                   trials=None if d["trials"] is None else TrialsRecord(**d["trials"]), assign_s=d["assign_s"])
+                   trials=None if d["trials"] is None else TrialsRecord(**d["trials"]), assign_s=d["assign_s"],
+                   first_poses=None if d.get("first_poses") is None else FirstPoseRecord(**d["first_poses"]))
 
 
 def epoch_line(rec: EpochRecord, seconds: float, explore: bool) -> str:
@@ -152,4 +179,17 @@ def epoch_line(rec: EpochRecord, seconds: float, explore: bool) -> str:
             msg += " winners " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in rec.winner_source_share.items())
     if rec.switched:
         msg += f" -> switch to auto-decoding after {rec.epoch} epochs"
+    return msg
+
+
+def first_pose_line(rec: FirstPoseRecord, subset: int, crop: int) -> str:
+    """The log line of the first-pose pass."""
+    how = {"amortized": "encoder heads + local refinement, the global scan for poor fits",
+           "search": "the global scan + refinement, seeded by the heads", "heads": "the best encoder head"}[rec.mode]
+    msg = (f"first poses of the {rec.particles} particles outside the stage-1 subset of {subset} ({how}, box {crop}): "
+           f"{rec.seconds:.1f}s ({rec.images_per_s:.0f} img/s); from " +
+           ", ".join(f"{k} {100 * v:.0f}%" for k, v in rec.shares().items()))
+    if rec.mode == "amortized":
+        msg += (f"; {100 * rec.scanned / max(1, rec.particles):.1f}% sent to the global scan "
+                f"(fit < {rec.scan_below:.4g})")
     return msg

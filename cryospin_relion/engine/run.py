@@ -57,20 +57,22 @@ from cryospin_relion.config import AbinitConfig
 from cryospin_relion.engine.checkpoint import engine_state, restore_engine
 from cryospin_relion.engine.distributed import ALONE, World
 from cryospin_relion.engine.forward import Batch
-from cryospin_relion.engine.history import WINNER_SOURCES, EpochRecord, EpochTally, History, TrialsRecord, epoch_line
+from cryospin_relion.engine.history import (WINNER_SOURCES, EpochRecord, EpochTally, FirstPoseRecord, History,
+                                            TrialsRecord, epoch_line, first_pose_line)
 from cryospin_relion.engine.models import Models
 from cryospin_relion.engine.particles import ParticleImages
 from cryospin_relion.engine.progress import NoProgress, Progress
 from cryospin_relion.engine.schedule import (FIRST_POSE_BATCH0, Seeds, crop_for_epoch, epoch_batches, should_switch,
                                              stage1_cap, stage1_lr_decoder, stage2_lr_decoder, trial_epochs)
-from cryospin_relion.engine.stage1 import SearchResult, multihead_losses, search_poses, stage1_step
+from cryospin_relion.engine.stage1 import (FIRST_POSE_REFERENCE, SearchResult, first_poses, multihead_losses, pose_fit,
+                                           search_poses, search_sources, stage1_step)
 from cryospin_relion.engine.stage2 import stage2_step
 from cryospin_relion.geometry.ctf import CTF
 from cryospin_relion.geometry.rotations import geodesic_distance_deg, super_fibonacci_rotations
 from cryospin_relion.model.encoder import PoseEncoder
 from cryospin_relion.model.pose_memory import PoseMemory
 from cryospin_relion.model.pose_table import PoseTable
-from cryospin_relion.model.volume import HartleyVolume
+from cryospin_relion.model.volume import HartleyVolume, SymmetricUpdates
 
 log = logging.getLogger("cryospin.abinit")
 
@@ -79,8 +81,12 @@ class AbinitEngine:
     """The state of one ab-initio run (models, poses, schedule position, history) and its schedule."""
 
     def __init__(self, images, apix_work, ctf: CTF | None, config: AbinitConfig,
-                 device: str | torch.device = "cpu", progress: Progress | None = None, world: World = ALONE):
+                 device: str | torch.device = "cpu", progress: Progress | None = None, world: World = ALONE,
+                 volume_constraint: "SymmetricUpdates | None" = None):
         self.cfg = config
+        # applied to the volume after every batch's optimiser step(s), ``start`` at each epoch's (re)start
+        # (model/volume.py SymmetricUpdates: --sym-mode impose; built by the lifecycle)
+        self.volume_constraint = volume_constraint
         self.world = world
         self.device = torch.device(device)
         self.data = ParticleImages(images, apix_work, None if config.data.no_ctf else ctf, self.device)
@@ -256,6 +262,8 @@ class AbinitEngine:
         opt = self.models.opt_volume1 if self.stage == 1 else self.models.opt_volume2
         for gr in opt.param_groups:
             gr["lr"] = self.lr_decoder_now()
+        if self.volume_constraint is not None:  # a fresh, restored or chosen-start volume: its reference
+            self.volume_constraint.start(self.volume)
         shares = [self._share(rows) for rows in batches[self.batch_pos:]]
         try:
             with self.data.prefetch([rows for rows, _ in shares]) as ready:  # reads overlap compute
@@ -272,6 +280,8 @@ class AbinitEngine:
                                            o.vol_iters, self.cfg.model.loss, denom=None if dist is None else dist[1],
                                            reduce_grads=None if dist is None else self._sum_volume_grads).loss
                         wins = sources = None
+                    if self.volume_constraint is not None:
+                        self.volume_constraint(self.volume)
                     loss, n, wins, sources = self._sum_batch_figures(loss, n, wins, sources)
                     self.tally.add(loss, n, time.perf_counter() - t0, wins, sources)
                     self.batch_pos = bi + 1
@@ -365,11 +375,15 @@ class AbinitEngine:
                             draw_rows=None if dist is None else dist[0], draw_batch=None if dist is None else dist[1])
 
     @torch.no_grad()
-    def _assign_unvisited(self) -> None:
+    def _assign_unvisited(self) -> FirstPoseRecord:
         """First poses of the particles outside the stage-1 subset, against the current volume at the last
-        stage-1 Fourier box: the best of the encoder's heads (amortised inference; the reference switch) or,
-        with exploration, the pose search seeded by the heads (``explore``). Written into the pose memory."""
+        stage-1 Fourier box, written into the pose memory (config ``first_pose``): ``amortized`` = the
+        encoder's heads (one forward pass) refined locally, and the global scan only for the images whose
+        head-local fit is poor (engine/stage1.py ``first_poses``); ``search`` = ``explore`` (the global scan +
+        refinement seeded by the random start and the heads); ``heads`` = the best head (the reference switch,
+        and what any mode does without exploration). Returns the pass's record (without its time)."""
         cfg = self.cfg
+        mode = cfg.search.first_pose if cfg.search.enabled else "heads"
         mask = torch.ones(self.N, dtype=torch.bool)
         mask[self.s1_idx] = False
         rows = mask.nonzero()[:, 0]
@@ -377,31 +391,59 @@ class AbinitEngine:
         batches = list(torch.tensor_split(rows, max(1, math.ceil(len(rows) / cfg.schedule.batch_size))))
         was = self.encoder.training
         self.encoder.eval()
+        scan_below = None
+        if mode == "amortized":
+            if self._grid is None:
+                self._grid = super_fibonacci_rotations(cfg.search.explore_candidates, dtype=torch.float32).to(
+                    self.device)
+            # the rule's reference: the median fit of stage-1 subset images at their remembered poses (the
+            # same on every rank: no collective); the scan below first_pose_scan_below x that
+            ref = self.s1_idx[:FIRST_POSE_REFERENCE]
+            fits = [pose_fit(self.volume, b, self.memory.rotations[b.idx], self.memory.shifts[b.idx], cfg.model.loss)
+                    for b in (self.batch(r, c) for r in torch.split(ref, cfg.schedule.batch_size))]
+            ref_fit = float(torch.cat(fits).median())
+            # a reference <= 0 (stage 1 explains nothing) leaves no basis for trusting the heads: scan all (fit < 1)
+            scan_below = cfg.search.first_pose_scan_below * ref_fit if ref_fit > 0 else float(
+                cfg.search.first_pose_scan_below > 0)
+        counts = torch.zeros(len(WINNER_SOURCES) + 1, dtype=torch.float64)  # sources, then images scanned
         self.progress.start(f"first poses of {len(rows)} more particles, box {c}", len(batches), 0)
         try:
             for bi, all_idx in enumerate(batches):
                 idx, dist = self._share(all_idx)
                 self.touched[idx] = True
-                if len(idx) == 0:  # no collectives in this pass: a rank may have nothing of a small batch
+                if len(idx) == 0:  # no collectives in this loop: a rank may have nothing of a small batch
                     self.progress.update(None, None)
                     continue
                 b = self.batch(idx, c)
-                if cfg.search.enabled:
+                scanned = None
+                if mode == "search":
                     ex = self.explore(b, FIRST_POSE_BATCH0 + bi, dist)
-                    R, t = ex.rot, ex.shift
+                    R, t, src = ex.rot, ex.shift, search_sources(ex)
+                    scanned = torch.ones_like(src, dtype=torch.bool)
+                elif mode == "amortized":
+                    hr, ht = self.encoder(b.images)
+                    g = Seeds.generator(self.seeds.search(self.trial, self.epoch, FIRST_POSE_BATCH0 + bi))
+                    fp = first_poses(self.volume, b, hr, ht, g, self._grid, cfg.search, self.max_shift, scan_below,
+                                     cfg.model.loss, draw_rows=None if dist is None else dist[0],
+                                     draw_batch=None if dist is None else dist[1])
+                    R, t, src, scanned = fp.rot, fp.shift, fp.source, fp.scanned
                 else:
                     per, rot, shift = multihead_losses(self.encoder, self.volume, b, cfg.model.loss)
                     ar = torch.arange(len(idx), device=per.device)
                     k = per.argmin(1)
-                    R, t = rot[ar, k], shift[ar, k]
+                    R, t, src = rot[ar, k], shift[ar, k], torch.zeros_like(k)
                 self.memory.remember(b.idx, R, t)
+                counts[:len(WINNER_SOURCES)] += torch.bincount(src.cpu(), minlength=len(WINNER_SOURCES)).double()
+                counts[-1] += 0 if scanned is None else int(scanned.sum())
                 self.progress.update(None, None)
         finally:
             self.encoder.train(was)
             self.progress.close()
         self.sync()
-        log.info(f"first poses of the {len(rows)} particles outside the stage-1 subset of {len(self.s1_idx)} "
-                 f"(encoder heads{' + pose search' if cfg.search.enabled else ''}, box {c})")
+        if not self.world.alone:
+            counts = torch.tensor(self.world.sum_floats(counts.tolist()), dtype=torch.float64)
+        n = [int(round(x)) for x in counts.tolist()]
+        return FirstPoseRecord(mode, len(rows), n[-1], dict(zip(WINNER_SOURCES, n[:-1])), scan_below=scan_below)
 
     def _end_epoch(self) -> None:
         cfg, h, a = self.cfg, self.history, self.tally
@@ -428,8 +470,10 @@ class AbinitEngine:
             if should_switch(cfg.schedule, e + 1, change):
                 if len(self.s1_idx) < self.N:
                     t0 = time.perf_counter()
-                    self._assign_unvisited()
-                    h.assign_s = time.perf_counter() - t0
+                    fp = self._assign_unvisited()
+                    h.assign_s = fp.seconds = time.perf_counter() - t0
+                    h.first_poses = fp
+                    log.info(first_pose_line(fp, len(self.s1_idx), self.crop()))
                     rec.time_s += h.assign_s
                     rec.epoch_time_s += h.assign_s
                 self.table.set(self.memory.rotations, self.memory.shifts)

@@ -63,6 +63,7 @@ class SearchResult:
     shift: Tensor  # (B, 2) working-box px
     loss: Tensor  # (B,)
     source: Tensor  # (B,) 0 = a seed other than the first, 1 = the first seed (memory), 2 = refinement, 3 = global
+    basin: Tensor | None = None  # (B,) the source of the round-0 winner that refinement started from (0, 1 or 3)
 
 
 @dataclass
@@ -180,6 +181,8 @@ def search_poses(volume, batch: Batch, seed_rot: Tensor, seed_shift: Tensor, gen
     k = per.argmin(1)
     best_R, best_t, best_l = Rc[ar, k], tc[ar, k], per[ar, k]
     src = torch.where(k == 0, 1, torch.where(k < S, 0, 3))
+    basin = src.clone()
+
     def randn(*shape: int) -> Tensor:
         if draw_rows is None:
             return torch.randn(B, *shape, generator=generator)
@@ -200,7 +203,7 @@ def search_poses(volume, batch: Batch, seed_rot: Tensor, seed_shift: Tensor, gen
         best_t = torch.where(better[:, None], tl[ar, j], best_t)
         best_l = torch.where(better, pl[ar, j], best_l)
         src = torch.where(better, 2, src)
-    return SearchResult(best_R, best_t, best_l, src)
+    return SearchResult(best_R, best_t, best_l, src, basin)
 
 
 def winner_takes_all(per: Tensor) -> tuple[Tensor, Tensor]:
@@ -282,3 +285,81 @@ def stage1_step(encoder, volume, opt_encoder, opt_volume, batch: Batch, loss_kin
     step(total)
     loss = torch.minimum(loss_h.detach(), per_x[ar, best_x]).mean()
     return Stage1Result(float(loss), win_h, overall, R_win, t_win)
+
+
+# -- first poses of images stage 1 did not train on (engine.run ``_assign_unvisited``) --------------------------
+
+# where an image's first pose came from: indices into engine/history.py WINNER_SOURCES
+HEADS, MEMORY, LOCAL, GLOBAL = 0, 1, 2, 3
+FIRST_POSE_REFERENCE = 512  # stage-1 subset images whose median fit is the rule's reference
+
+
+@dataclass
+class FirstPoseResult:
+    """The first pose of each image of a batch (``first_poses``)."""
+
+    rot: Tensor  # (B, 3, 3) RELION A
+    shift: Tensor  # (B, 2) working-box px
+    source: Tensor  # (B,) HEADS (a head as it is), LOCAL (refined around a head), MEMORY, GLOBAL (the scan's basin)
+    scanned: Tensor  # (B,) bool: sent to the global scan
+
+
+def fit_to_data(loss: Tensor, batch: Batch, loss_kind: str = "l1") -> Tensor:
+    """Per-image fit (B,) = 1 - loss / (the loss of the same image against an empty model): the share of the
+    image's loss that the pose explains, comparable between images of different noise, defocus and content."""
+    empty = per_image_loss(torch.zeros_like(batch.target), batch.target, batch.mask, loss_kind)
+    return 1 - loss / empty.clamp_min(1e-12)
+
+
+@torch.no_grad()
+def pose_fit(volume, batch: Batch, rot: Tensor, shift: Tensor, loss_kind: str = "l1") -> Tensor:
+    """``fit_to_data`` (B,) of the poses rot (B, 3, 3), shift (B, 2) of a batch's images."""
+    return fit_to_data(candidate_losses(volume, batch, rot[:, None], shift[:, None], loss_kind)[:, 0], batch,
+                       loss_kind)
+
+
+def batch_rows(batch: Batch, rows: Tensor) -> Batch:
+    """The images ``rows`` of a batch."""
+    return Batch(batch.idx[rows], batch.images[rows], batch.target[rows],
+                 None if batch.ctf is None else batch.ctf[rows], batch.mask, batch.box, batch.crop)
+
+
+def search_sources(res: SearchResult) -> Tensor:
+    """Where each winner of ``search_poses`` seeded by (memory, heads...) came from: the memory's or the
+    scan's basin (refined or not), a head (HEADS) or refinement around one (LOCAL)."""
+    head = torch.where(res.source == 2, LOCAL, HEADS)
+    return torch.where(res.basin == 1, MEMORY, torch.where(res.basin == 3, GLOBAL, head))
+
+
+@torch.no_grad()
+def first_poses(volume, batch: Batch, head_rot: Tensor, head_shift: Tensor, generator: torch.Generator,
+                grid_rot: Tensor, search: SearchConfig, max_shift: float, scan_below: float, loss_kind: str = "l1",
+                draw_rows: Tensor | None = None, draw_batch: int | None = None) -> FirstPoseResult:
+    """Amortised first poses: the encoder's M head poses ``head_rot`` (B, M, 3, 3) / ``head_shift`` (B, M, 2)
+    refined locally (``search_poses`` without the grid: its refinement rounds), then the global scan
+    (``search_poses`` with ``grid_rot``, seeded by that pose and the heads, so it can only improve on it) for
+    the images whose head-local ``fit_to_data`` is below ``scan_below`` (none when it is <= 0).
+
+    Why a fit threshold: on images stage 1 never saw, the heads sometimes propose a wrong basin, and a pose in
+    a wrong basin explains less of its image (bench/amortize.py --measure-rule; the figures and the choice of
+    the threshold are in config.SearchConfig ``first_pose_scan_below``). ``draw_rows`` / ``draw_batch``: as in
+    ``search_poses`` (a data-parallel rank's share of the global batch)."""
+    B = head_rot.shape[0]
+    hl = search_poses(volume, batch, head_rot, head_shift, generator, None, search, max_shift, loss_kind,
+                      draw_rows=draw_rows, draw_batch=draw_batch)
+    rot, shift, source = hl.rot, hl.shift, torch.where(hl.source == 2, LOCAL, HEADS)
+    scanned = fit_to_data(hl.loss, batch, loss_kind) < scan_below
+    if scan_below <= 0:  # 0 = never (a fit can be negative)
+        scanned = torch.zeros_like(scanned)
+    sel = scanned.nonzero()[:, 0]
+    if len(sel):
+        pos = torch.arange(B, device=sel.device) if draw_rows is None else draw_rows.to(sel.device)
+        seeds_R = torch.cat([rot[sel, None], head_rot[sel]], 1)
+        seeds_t = torch.cat([shift[sel, None], head_shift[sel]], 1)
+        fb = search_poses(volume, batch_rows(batch, sel), seeds_R, seeds_t, generator, grid_rot, search, max_shift,
+                          loss_kind, draw_rows=pos[sel], draw_batch=B if draw_batch is None else draw_batch)
+        # the first seed is the head-local pose: kept (with its source) unless the scan's basin wins
+        src = torch.where(fb.basin == 3, GLOBAL, torch.where(fb.source == 2, LOCAL, source[sel]))
+        rot, shift, source = rot.clone(), shift.clone(), source.clone()
+        rot[sel], shift[sel], source[sel] = fb.rot, fb.shift, src
+    return FirstPoseResult(rot, shift, source, scanned)

@@ -39,8 +39,8 @@ from cryospin_relion.geometry.sampling import sample_spectrum
 from cryospin_relion.geometry.slicing import volume_to_projector
 from cryospin_relion.geometry.symmetry import parse_symmetry, symmetry_operators
 
-__all__ = ["SymmetryAlignment", "align_symmetry", "symmetry_score", "rotate_poses", "centre_of_mass",
-           "apply_alignment", "symmetrise_map"]
+__all__ = ["SymmetryAlignment", "align_symmetry", "symmetry_score", "operator_spread", "rotate_poses",
+           "centre_of_mass", "apply_alignment", "symmetrise_map"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,10 @@ class SymmetryAlignment:
     rotation: (3, 3) Q; shift_px: (3,) t (x, y, z) in voxels (t = -Q c);
     centre_px: (3,) c, the input's centre of mass from voxel N // 2;
     score: ``symmetry_score`` of the aligned map (1 = perfectly symmetric; C1: 1);
-    score_coarse: best score of the global search (coarse box).
+    score_coarse: best score of the global search (coarse box);
+    spread: the worst operator's correlation over the best one's (``operator_scores``; 1 for C1): near 1
+    when the whole group fits, low when only some of its operators do (e.g. C4 asked of a D7 map, whose
+    two-fold fits but not its four-fold).
     """
 
     sym: str
@@ -59,6 +62,7 @@ class SymmetryAlignment:
     centre_px: np.ndarray
     score: float
     score_coarse: float
+    spread: float = 1.0
 
 
 def centre_of_mass(vol: np.ndarray) -> np.ndarray:
@@ -107,19 +111,22 @@ class _SymScorer:
         return sample_spectrum(self.spec, self.kq[None] @ R.to(torch.float32))  # (B, M) F(R^T k)
 
     def scores(self, rotations: Tensor, chunk: int = 64) -> Tensor:
-        """(B,) scores of rotations (B, 3, 3)."""
-        G = self.ops.shape[0]
-        if G == 0:
+        """(B,) scores of rotations (B, 3, 3): the mean of ``operator_scores``."""
+        if self.ops.shape[0] == 0:
             return torch.ones(rotations.shape[0], dtype=torch.float64)
-        out = []
-        for a in range(0, rotations.shape[0], chunk):
-            R = rotations[a:a + chunk].to(torch.float32)
-            f0 = self._sample(R)  # (b, M)
-            fs = self._sample((self.ops[None] @ R[:, None]).reshape(-1, 3, 3)).reshape(R.shape[0], G, -1)
-            num = (f0.conj()[:, None] * fs).real @ self.w
-            den = torch.sqrt(((f0.abs() ** 2) @ self.w)[:, None] * ((fs.abs() ** 2) @ self.w)).clamp_min(1e-30)
-            out.append((num / den).mean(-1).double())
-        return torch.cat(out)
+        return torch.cat([self.operator_scores(rotations[a:a + chunk]).mean(-1)
+                          for a in range(0, rotations.shape[0], chunk)])
+
+    def operator_scores(self, rotations: Tensor) -> Tensor:
+        """(B, G - 1) correlation of the map rotated by each rotation (B, 3, 3) with its copy under each
+        non-identity operator."""
+        G = self.ops.shape[0]
+        R = rotations.to(torch.float32)
+        f0 = self._sample(R)  # (b, M)
+        fs = self._sample((self.ops[None] @ R[:, None]).reshape(-1, 3, 3)).reshape(R.shape[0], G, -1)
+        num = (f0.conj()[:, None] * fs).real @ self.w
+        den = torch.sqrt(((f0.abs() ** 2) @ self.w)[:, None] * ((fs.abs() ** 2) @ self.w)).clamp_min(1e-30)
+        return (num / den).double()
 
 
 def _local(scorer: _SymScorer, R0: Tensor, step_deg: float, min_step_deg: float, max_iter: int = 120,
@@ -195,7 +202,16 @@ def align_symmetry(vol: np.ndarray, sym: str, n_rotations: int | None = None, co
     medium = _SymScorer(t, mb, ops, max_shell=max_shell) if mb != cb else coarse
     R, s = _local(medium, best[0], 1.0, 0.2, diagonals=False)
     Q = R.numpy()
-    return SymmetryAlignment(name, Q, -Q @ c, c, float(s), float(sc.max()))
+    return SymmetryAlignment(name, Q, -Q @ c, c, float(s), float(sc.max()),
+                             _spread(medium.operator_scores(R[None].to(torch.float32))[0]))
+
+
+def _spread(per_op: Tensor) -> float:
+    """Worst operator's correlation / best operator's (1 when there is no operator besides the identity)."""
+    if per_op.numel() == 0:
+        return 1.0
+    best = float(per_op.max())
+    return float(per_op.min()) / best if best > 0 else 0.0
 
 
 def symmetry_score(vol: np.ndarray, sym: str, box: int | None = None, max_shell: float | None = None) -> float:
@@ -204,13 +220,23 @@ def symmetry_score(vol: np.ndarray, sym: str, box: int | None = None, max_shell:
     Measured as in the search (module docstring) at ``box`` (default min(n, 48)),
     on the map as it is (no centring, no rotation).
     """
+    return float(_map_scorer(vol, sym, box, max_shell).scores(torch.eye(3)[None])[0])
+
+
+def _map_scorer(vol: np.ndarray, sym: str, box: int | None, max_shell: float | None) -> _SymScorer:
+    """The scorer of the map as it is (normalised), at ``box`` (default min(n, 48))."""
     ops = torch.as_tensor(symmetry_operators(sym))
     v = torch.as_tensor(np.asarray(vol, dtype=np.float64))
     n = v.shape[-1]
     b = min(n, box or 48)
     b += b % 2
     v = (v - v.mean()) / v.std().clamp_min(1e-30)
-    return float(_SymScorer(v, min(b, n), ops, max_shell=max_shell).scores(torch.eye(3)[None])[0])
+    return _SymScorer(v, min(b, n), ops, max_shell=max_shell)
+
+
+def operator_spread(vol: np.ndarray, sym: str, box: int | None = None, max_shell: float | None = None) -> float:
+    """``SymmetryAlignment.spread`` of the map as it is (no centring, no rotation), scored as ``symmetry_score``."""
+    return _spread(_map_scorer(vol, sym, box, max_shell).operator_scores(torch.eye(3)[None])[0])
 
 
 def apply_alignment(vol: np.ndarray, al: SymmetryAlignment) -> np.ndarray:

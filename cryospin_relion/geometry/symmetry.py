@@ -35,7 +35,8 @@ import numpy as np
 
 from cryospin_relion.errors import InputError
 
-__all__ = ["symmetry_operators", "parse_symmetry", "group_order", "axis_rotation", "frame_alternatives"]
+__all__ = ["symmetry_operators", "parse_symmetry", "group_order", "axis_rotation", "frame_alternatives",
+           "hand_flip_keeps_frame"]
 
 _PHI = (1.0 + math.sqrt(5.0)) / 2.0
 
@@ -163,3 +164,13 @@ def frame_alternatives(sym: str) -> np.ndarray:
         if all(_key(X @ S @ X.T) in keys for S in ops) and not any(_key(Y.T @ X) in keys for Y in out):
             out.append(X)
     return np.stack(out)
+
+
+def hand_flip_keeps_frame(sym: str) -> bool:
+    """Whether a map in RELION's frame of ``sym``, mirrored in z (``geometry.hand``: M = diag(1, 1, -1)), is
+    still in that frame: M S M is in the group for every S. True for Cn, Dn, O, I1 and I2; False for T, I3
+    and I4 (their axes are not symmetric about the xy plane)."""
+    ops = _operators(parse_symmetry(sym))
+    keys = {_key(S) for S in ops}
+    M = np.diag([1.0, 1.0, -1.0])
+    return all(_key(M @ S @ M) in keys for S in ops)

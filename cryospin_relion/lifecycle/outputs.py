@@ -87,8 +87,12 @@ def write_final_outputs(out: Path, table: ParticleTable, images, apix_work: np.n
     shifts_A = -t_px * apix_work[:, None]  # RELION origin = - content translation * pixel size
     halves = table.halves(seed)
     apix_out = float(output_apix(table, box, box))
-    from cryospin_relion.geometry.symmetry import parse_symmetry
+    from cryospin_relion.geometry.symmetry import hand_flip_keeps_frame, parse_symmetry
     from cryospin_relion.lifecycle.symmetry import imposed_frame, to_symmetry_frame
+
+    if sym_mode == "impose" and flip_hand and not hand_flip_keeps_frame(sym):
+        log.info(f"--flip-hand: the mirrored {sym} map leaves RELION's frame; searching the frame again")
+        sym_mode = "align"
 
     mine = None if world.alone else world.share(len(table)).numpy()
     part = dict(rows=mine, reduce=None if world.alone else _summed(world), progress=progress and world.is_main)

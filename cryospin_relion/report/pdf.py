@@ -63,7 +63,8 @@ def _pages(
         pages.append(("view_directions", lambda: plots.plot_view_directions(rotations)))
     wins = head_wins if head_wins is not None else plots.last_head_wins(history)
     if wins is not None and len(wins) > 0:
-        pages.append(("head_wins", lambda: plots.plot_head_wins(wins)))
+        sources = plots.winner_sources(history)
+        pages.append(("head_wins", lambda: plots.plot_head_wins(wins, sources)))
     if volume is not None:
         pages.append(("central_slices", lambda: plots.plot_central_slices(volume, apix=apix)))
     if pose_error_history and pose_error_history.get("median_deg") is not None and len(pose_error_history["median_deg"]) > 0:
@@ -108,7 +109,9 @@ def make_report(
         box: box size in pixels (default from len(fsc)).
         history: per-epoch lists 'epoch', 'loss', 'stage' (1/2), 'time_s'
             (cumulative elapsed seconds), optionally 'pose_change_deg', 'lr',
-            'head_wins' (per-epoch (M,) counts or None).
+            'head_wins' (per-epoch (M,) counts or None), 'winner_source_share' (per-epoch {source: share}
+            or None) and 'first_poses' (engine/history.py FirstPoseRecord): the head-wins page then also shows
+            where the winners came from.
         rotations: final poses, (N, 3, 3) RELION matrices A or (N, 3) unit view directions.
         head_wins: (M,) images won per head in stage 1; default: the last
             stage-1 entry of ``history['head_wins']``.

@@ -37,6 +37,7 @@ __all__ = [
     "plot_pose_error",
     "plot_orientation",
     "last_head_wins",
+    "winner_sources",
 ]
 
 STAGE_COLORS = {1: "C0", 2: "C1"}
@@ -391,8 +392,27 @@ def last_head_wins(history: Mapping[str, Any] | None) -> np.ndarray | None:
     return None
 
 
-def plot_head_wins(head_wins: Any) -> Figure:
-    """Bar chart of the share of images won by each of the M heads in stage 1."""
+def winner_sources(history: Mapping[str, Any] | None) -> dict[str, dict[str, float]]:
+    """Where the winning poses came from, as shares: {"epoch E": {source: share}} for each stage-1 epoch of
+    ``history['winner_source_share']``, and {"first poses": ...} from ``history['first_poses']`` (the pass over
+    the particles outside the stage-1 subset). Empty when the history has neither."""
+    out: dict[str, dict[str, float]] = {}
+    if not history:
+        return out
+    for e, sh in zip(history.get("epoch") or [], history.get("winner_source_share") or []):
+        if sh:
+            out[f"epoch {e}"] = {k: float(v) for k, v in sh.items()}
+    fp = history.get("first_poses")
+    if fp and fp.get("particles"):
+        out["first poses"] = {k: v / fp["particles"] for k, v in fp["sources"].items()}
+    return out
+
+
+def plot_head_wins(head_wins: Any, sources: Mapping[str, Mapping[str, float]] | None = None) -> Figure:
+    """Bar chart of the share of images won by each of the M heads in stage 1; with ``sources``
+    (``winner_sources``), a second panel: where the overall winners came from (heads, memory, local refinement,
+    global scan) at each stage-1 epoch and in the first-pose pass -- the heads' share of all winners, which the
+    first panel (shares among the heads) does not show."""
     w = as_numpy(head_wins).reshape(-1)
     if len(w) == 0:
         raise ValueError("head_wins: empty")
@@ -400,8 +420,10 @@ def plot_head_wins(head_wins: Any) -> Figure:
     m = len(w)
     total = float(w.sum())
     share = 100.0 * w / total if total > 0 else np.zeros(m)
-    fig = Figure(figsize=(8.27, 4.6), layout="constrained")
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(8.27, 8.6 if sources else 4.6), layout="constrained")
+    ax = fig.add_subplot(2, 1, 1) if sources else fig.add_subplot()
+    if sources:
+        _plot_sources(fig.add_subplot(2, 1, 2), sources)
     heads = np.arange(1, m + 1)
     ax.bar(heads, share, color="C0", width=0.8)
     ax.axhline(100.0 / m, color="0.4", ls="--", lw=1, label=f"uniform ({100.0 / m:.1f}%)")
@@ -420,6 +442,29 @@ def plot_head_wins(head_wins: Any) -> Figure:
     ax.legend(fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     return fig
+
+
+def _plot_sources(ax, sources: Mapping[str, Mapping[str, float]]) -> None:
+    """Stacked bars: per stage-1 epoch / the first-pose pass, the share of winners from each source."""
+    labels = list(sources)
+    names = list(dict.fromkeys(k for sh in sources.values() for k in sh))
+    x = np.arange(len(labels))
+    bottom = np.zeros(len(labels))
+    for i, k in enumerate(names):
+        v = 100.0 * np.array([float(sources[lb].get(k, 0.0)) for lb in labels])
+        ax.bar(x, v, bottom=bottom, color=f"C{i}", width=0.8, label=k)
+        bottom += v
+    if "first poses" in sources:
+        fp = sources["first poses"]
+        ax.text(x[-1], 101, "/".join(f"{100 * float(fp.get(k, 0)):.0f}" for k in names) + "%", ha="center",
+                va="bottom", fontsize=8)
+    ax.set_xticks(x, [lb.replace("epoch ", "") if lb.startswith("epoch") else "first\nposes" for lb in labels],
+                  fontsize=8)
+    ax.set_xlabel("stage-1 epoch, and the first-pose pass of the particles outside the stage-1 subset")
+    ax.set_ylabel("share of winners (%)")
+    ax.set_ylim(0, 112)
+    ax.legend(fontsize=8, ncol=len(names), loc="upper left")
+    ax.set_title("Where the winning poses came from (" + ", ".join(names) + ")", fontsize=10)
 
 
 # -- (5) central slices ----------------------------------------------------------------
