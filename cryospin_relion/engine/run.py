@@ -368,11 +368,17 @@ class AbinitEngine:
             self.encoder.train(was)
         seeds_R = torch.cat([self.memory.rotations[b.idx][:, None], hr], 1)
         seeds_t = torch.cat([self.memory.shifts[b.idx][:, None], ht], 1)
-        if self._grid is None:
-            self._grid = super_fibonacci_rotations(sc.explore_candidates, dtype=torch.float32).to(self.device)
         g = Seeds.generator(self.seeds.search(self.trial, self.epoch, bi))
-        return search_poses(self.volume, b, seeds_R, seeds_t, g, self._grid, sc, self.max_shift, self.cfg.model.loss,
-                            draw_rows=None if dist is None else dist[0], draw_batch=None if dist is None else dist[1])
+        return search_poses(self.volume, b, seeds_R, seeds_t, g, self.search_grid(), sc, self.max_shift,
+                            self.cfg.model.loss, draw_rows=None if dist is None else dist[0],
+                            draw_batch=None if dist is None else dist[1])
+
+    def search_grid(self) -> Tensor:
+        """The global scan's near-uniform rotations (``explore_candidates``), made on first use."""
+        if self._grid is None:
+            self._grid = super_fibonacci_rotations(self.cfg.search.explore_candidates,
+                                                   dtype=torch.float32).to(self.device)
+        return self._grid
 
     @torch.no_grad()
     def _assign_unvisited(self) -> FirstPoseRecord:
@@ -393,9 +399,6 @@ class AbinitEngine:
         self.encoder.eval()
         scan_below = None
         if mode == "amortized":
-            if self._grid is None:
-                self._grid = super_fibonacci_rotations(cfg.search.explore_candidates, dtype=torch.float32).to(
-                    self.device)
             # the rule's reference: the median fit of stage-1 subset images at their remembered poses (the
             # same on every rank: no collective); the scan below first_pose_scan_below x that
             ref = self.s1_idx[:FIRST_POSE_REFERENCE]
@@ -423,8 +426,8 @@ class AbinitEngine:
                 elif mode == "amortized":
                     hr, ht = self.encoder(b.images)
                     g = Seeds.generator(self.seeds.search(self.trial, self.epoch, FIRST_POSE_BATCH0 + bi))
-                    fp = first_poses(self.volume, b, hr, ht, g, self._grid, cfg.search, self.max_shift, scan_below,
-                                     cfg.model.loss, draw_rows=None if dist is None else dist[0],
+                    fp = first_poses(self.volume, b, hr, ht, g, self.search_grid(), cfg.search, self.max_shift,
+                                     scan_below, cfg.model.loss, draw_rows=None if dist is None else dist[0],
                                      draw_batch=None if dist is None else dist[1])
                     R, t, src, scanned = fp.rot, fp.shift, fp.source, fp.scanned
                 else:
