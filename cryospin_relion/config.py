@@ -42,6 +42,7 @@ FirstPose = Literal["amortized", "search", "heads"]
 
 COMMAND_LINE = "command line"  # the source of flags: messages name the flag, not the option
 GROUP_MAIN, GROUP_SCHEDULE, GROUP_SEARCH = None, "schedule", "stage-1 pose search (beyond the reference; docs/method.md)"
+GROUP_CLASSES = "classes (--classes K > 1; docs/method.md)"
 # engine/stage1.py first_poses; bench/amortize.py --measure-rule (10,000 ribosome images, box 64, SNR 0.1, 2,048 of
 # the particles outside the stage-1 subset): fit / reference of right-basin poses (the search's, within 15 deg of
 # the truth) median 0.79, 1st percentile 0.23; of wrong-basin head-local poses (> 15 deg) median -0.19, 99th
@@ -100,6 +101,8 @@ class ModelConfig:
     volume_param: VolumeParam = opt("linear", "Hartley voxel values: linear or expmant (mantissa * exp(exponent))")
     mask_radius: float = opt(1.0, "radial frequency mask, fraction of the working-box Nyquist")
     loss: Loss = opt("l1", "reconstruction loss (default {default})", flag=True)  # l1 = the reference
+    classes: int = opt(1, "classes K: K volumes, every particle in the class whose best pose fits it best "
+                       "(default {default})", flag=True, metavar="K")
 
     def shift_bound(self, box: int) -> float:
         """|shift| bound per axis in working-box pixels."""
@@ -135,6 +138,15 @@ class ScheduleConfig:
     stage1_max_crop: int = opt(32, "largest Fourier box of stage 1, 0 = the working box (default {default})",
                                flag=True, metavar="PX", group=GROUP_SCHEDULE)
     c2f_stage2_epochs: int = opt(2, "stage-2 epochs to grow from the last stage-1 Fourier box to the working box")
+    # engine/classes.py: the soft-to-hard class assignment of stage 1 (cf. cryoSPARC's class similarity)
+    class_similarity: float = opt(0.5, "K > 1: share of every image's stage-1 gradient spread evenly over the "
+                                  "classes at the start, annealed to 0 (hard assignment) (default {default})",
+                                  flag=True, metavar="S", group=GROUP_CLASSES)
+    class_anneal_epochs: int = opt(4, "K > 1: stage-1 epochs over which the class similarity falls to 0 "
+                                   "(default {default})", flag=True, metavar="E", group=GROUP_CLASSES)
+    class_min_share: float = opt(0.2, "K > 1: a class holding less than this share of its even share (N / K) after "
+                                 "a stage-1 epoch is re-seeded by splitting the largest class (default {default})",
+                                 flag=True, metavar="F", group=GROUP_CLASSES)
     c2f_start: float = opt(0.375, "first Fourier box as a fraction of the working box (12 at box 32)")
     c2f_epochs: int | None = opt(None, "epochs to reach the full box; null = min_epochs_amortized + 1")
 
@@ -320,12 +332,15 @@ class AbinitConfig:
             bad("box", "must be an even number >= 8")
         if d["max_box"] < 8 or d["max_box"] % 2:
             bad("max_box", "must be an even number >= 8")
-        for name in ("heads", "batch_size", "pose_iters", "stage1_trials", "stage1_trial_epochs", "epochs_amortized"):
+        for name in ("heads", "classes", "batch_size", "pose_iters", "stage1_trials", "stage1_trial_epochs",
+                     "epochs_amortized"):
             if d[name] < 1:
                 bad(name, "must be >= 1" + (" (stage 1 initialises the poses)" if name == "epochs_amortized" else ""))
         for name in ("explore_grid_crop", "stage1_max_crop"):
             if d[name] and (d[name] < 8 or d[name] % 2):
                 bad(name, "must be 0 or an even number >= 8")
+        if not 0 <= d["class_similarity"] <= 1:
+            bad("class_similarity", "must be in [0, 1]")
         for name in ("mask_radius", "c2f_start"):
             if not 0 < d[name] <= 1.0:
                 bad(name, "must be in (0, 1]")

@@ -13,11 +13,17 @@ cryoSPARC conventions used (see docs/conventions.md and docs/cryosparc.md):
   ``map_half_A`` (half 1) and ``map_half_B`` (half 2).
 - ``blob/path`` in an exported ``.cs`` may start with ``>``: relative to the
   project folder. Paths in a job's own ``.cs`` are relative to the project folder too.
+- K classes (``cryospin abinit --classes K``): the particles' class is ``alignments3D/class``
+  (u4, 0-based; with ``class_posterior`` and ``class_ess`` 1.0, io/particles.py ``CS_CLASS_FIELDS``),
+  or ``rlnClassNumber`` - 1 of particles.star; class k's maps are in ``class{k+1:03d}/``. The job's
+  outputs per class are named as cryoSPARC's own ab-initio and heterogeneous refinement name theirs,
+  0-based like ``alignments3D/class``: ``volume_class_0``, ``particles_class_0``, ... (``class_output_names``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -29,7 +35,7 @@ from cryosparc.dataset import Dataset
 from cryospin_relion.cli import command_argv
 from cryospin_relion.errors import InputError
 from cryospin_relion.io.cs import ALIGN_FIELDS, alignments_fields, load_cs, project_paths, set_alignments
-from cryospin_relion.io.particles import SCORE_COLUMNS
+from cryospin_relion.io.particles import CS_CLASS_FIELDS, SCORE_COLUMNS, STAR_CLASS
 
 __all__ = [
     "ALIGN_FIELDS",
@@ -47,7 +53,10 @@ __all__ = [
     "volume_info",
     "volume_output",
     "AbinitOutputs",
+    "ClassOutputs",
     "abinit_outputs",
+    "class_output_names",
+    "particle_classes",
     "result_particles",
     "abinit_command",
     "run_command",
@@ -67,6 +76,9 @@ INPUT_SLOTS = ["blob", "ctf", "?alignments3D"]
 
 # volume output slots -> abinit file names (map_half_A = half 1, map_half_B = half 2)
 VOLUME_SLOTS = {"map": "map.mrc", "map_half_A": "half1_map.mrc", "map_half_B": "half2_map.mrc"}
+
+# a K-class run's folder of class k + 1 (1-based, 3 digits, as lifecycle/outputs.py writes them)
+CLASS_FOLDER = re.compile(r"^class(\d{3})$")
 
 
 # -- references and paths ------------------------------------------------------------------
@@ -149,7 +161,8 @@ def _rows_by_uid(want: np.ndarray, have: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def particles_output_from_result(input_ds: Dataset, result_ds: Dataset) -> Dataset:
     """Copy the four alignments3D fields of ``result_ds`` (abinit's particles.cs) onto ``input_ds``, and its
-    ``alignments3D/error`` (the run's per-particle loss, lifecycle/scores.py) when it has one (the
+    ``alignments3D/error`` (the run's per-particle loss, lifecycle/scores.py) and class fields
+    (``CS_CLASS_FIELDS``, a K-class run) when it has them (the
     ``cryospin/confidence`` score has no slot in a cryoSPARC particle output; ``cryospin select`` reads
     it from abinit's own particles.cs).
 
@@ -171,9 +184,11 @@ def particles_output_from_result(input_ds: Dataset, result_ds: Dataset) -> Datas
         rows = np.arange(n)
     out = set_alignments(input_ds.copy(), {f: np.asarray(result_ds[f])[rows] for f, *_ in ALIGN_FIELDS})
     error = SCORE_COLUMNS["fit_loss"][1]  # the run's per-particle loss, where cryoSPARC keeps its own
-    if error in rfields:
-        out.add_fields([(error, "f4")])
-        out[error] = np.asarray(result_ds[error], dtype=np.float32)[rows]
+    # with it the class fields of a K-class run (alignments3D/class 0-based, class_posterior, class_ess)
+    for f, dtype in [(error, "f4"), *CS_CLASS_FIELDS]:
+        if f in rfields:
+            out.add_fields([(f, dtype)])
+            out[f] = np.asarray(result_ds[f])[rows].astype(out[f].dtype)
     return out
 
 
@@ -261,42 +276,77 @@ def volume_output(paths: dict[str, str], shapes: dict[str, Sequence[int]], psize
 
 
 @dataclass
+class ClassOutputs:
+    """The maps of one class of a K-class abinit run (folder ``classNNN``)."""
+
+    number: int  # 1-based, as the folder and rlnClassNumber; cryoSPARC's alignments3D/class is number - 1
+    volumes: dict[str, Path]  # volume slot -> MRC file
+    fsc: Path | None
+
+
+@dataclass
 class AbinitOutputs:
     """Files written by ``cryospin abinit --o DIR`` that the cryoSPARC job uses."""
 
     outdir: Path
-    volumes: dict[str, Path]  # volume slot -> MRC file
+    volumes: dict[str, Path]  # volume slot -> MRC file; {} for a K-class run
     particles_cs: Path | None
     particles_star: Path | None
     fsc: Path | None
+    # a K-class run (no top-level maps): the classes that have maps, by number (a class too small for two
+    # halves has no folder); None for a one-class run
+    classes: list[ClassOutputs] | None = None
 
 
-def abinit_outputs(outdir: str | os.PathLike) -> AbinitOutputs:
-    """Locate abinit's outputs; InputError naming the first missing map or particle file."""
-    outdir = Path(outdir)
+def _maps(folder: Path) -> dict[str, Path]:
     vols = {}
     for slot, name in VOLUME_SLOTS.items():
-        p = outdir / name
+        p = folder / name
         if not p.is_file():
             raise InputError(f"{p}: abinit output missing")
         vols[slot] = p
+    return vols
+
+
+def _file(p: Path) -> Path | None:
+    return p if p.is_file() else None
+
+
+def abinit_outputs(outdir: str | os.PathLike) -> AbinitOutputs:
+    """Locate abinit's outputs; InputError naming the first missing map or particle file.
+
+    A folder without a top-level map.mrc but with ``classNNN/`` folders is a K-class run: each
+    such folder must hold the three maps.
+    """
+    outdir = Path(outdir)
+    folders = sorted(d for d in outdir.iterdir() if d.is_dir() and CLASS_FOLDER.match(d.name)) \
+        if outdir.is_dir() else []
+    classes = None
+    if folders and not (outdir / VOLUME_SLOTS["map"]).is_file():
+        classes = [ClassOutputs(int(CLASS_FOLDER.match(d.name).group(1)), _maps(d), _file(d / "fsc.txt"))
+                   for d in folders]
+        vols = {}
+    else:
+        vols = _maps(outdir)
     cs = outdir / "particles.cs"
     star = outdir / "particles.star"
     if not cs.is_file() and not star.is_file():
         raise InputError(f"{outdir}: abinit wrote neither particles.cs nor particles.star")
-    fsc = outdir / "fsc.txt"
-    return AbinitOutputs(outdir, vols, cs if cs.is_file() else None, star if star.is_file() else None,
-                         fsc if fsc.is_file() else None)
+    return AbinitOutputs(outdir, vols, _file(cs), _file(star), _file(outdir / "fsc.txt"), classes)
 
 
 def result_particles(outputs: AbinitOutputs, input_ds: Dataset) -> Dataset:
     """The output particles Dataset (input fields + new alignments3D) from abinit's outputs.
 
     Uses particles.cs (matched by uid) when present, else particles.star (same
-    row order as the input .cs given to abinit).
+    row order as the input .cs given to abinit). For a K-class run the rows carry the class
+    fields (``CS_CLASS_FIELDS``; from particles.star: ``rlnClassNumber`` - 1).
     """
     if outputs.particles_cs is not None:
-        return particles_output_from_result(input_ds, load_cs(outputs.particles_cs))
+        out = particles_output_from_result(input_ds, load_cs(outputs.particles_cs))
+        if outputs.classes is not None and CS_CLASS_FIELDS[0][0] not in out.fields():
+            raise InputError(f"{outputs.particles_cs}: {CS_CLASS_FIELDS[0][0]}: field missing (a K-class run)")
+        return out
     from cryospin_relion.io.read import read_particles
 
     table = read_particles(outputs.particles_star, check_stacks=False, no_ctf=True)
@@ -304,7 +354,33 @@ def result_particles(outputs: AbinitOutputs, input_ds: Dataset) -> Dataset:
         raise InputError(f"{outputs.particles_star}: no poses")
     if len(table) != len(input_ds):
         raise InputError(f"{outputs.particles_star}: {len(table)} particles for {len(input_ds)} input particles")
-    return particles_output(input_ds, table.rotations, table.shifts_A, table.halves(), psize_A=table.apix)
+    out = particles_output(input_ds, table.rotations, table.shifts_A, table.halves(), psize_A=table.apix)
+    if outputs.classes is not None:
+        parts = table.raw["particles"] if isinstance(table.raw, dict) else None
+        if parts is None or STAR_CLASS not in parts.columns:
+            raise InputError(f"{outputs.particles_star}: {STAR_CLASS}: column missing (a K-class run)")
+        number = np.asarray(parts[STAR_CLASS], dtype=np.int64)
+        if len(number) and number.min() < 1:
+            raise InputError(f"{outputs.particles_star}: {STAR_CLASS}: {number.min()} (classes are 1-based)")
+        values = {"alignments3D/class": number - 1, "alignments3D/class_posterior": 1.0, "alignments3D/class_ess": 1.0}
+        out.add_fields(CS_CLASS_FIELDS)
+        for f, _ in CS_CLASS_FIELDS:
+            out[f] = np.broadcast_to(values[f], len(out)).astype(out[f].dtype)
+    return out
+
+
+def particle_classes(ds: Dataset) -> np.ndarray:
+    """(N,) int64 0-based class of each row (``alignments3D/class``); InputError when absent."""
+    f = CS_CLASS_FIELDS[0][0]
+    if f not in ds.fields():
+        raise InputError(f"output particles: {f}: field missing")
+    return np.asarray(ds[f], dtype=np.int64)
+
+
+def class_output_names(cls: int) -> tuple[str, str]:
+    """(volume output, particles output) names of 0-based class ``cls``, as cryoSPARC's own ab-initio and
+    heterogeneous refinement name theirs: ``volume_class_0``, ``particles_class_0`` for class001."""
+    return f"volume_class_{int(cls)}", f"particles_class_{int(cls)}"
 
 
 def abinit_command(particles_cs: str | os.PathLike, outdir: str | os.PathLike,

@@ -5,6 +5,9 @@ Creates an External job in PROJECT/WORKSPACE, connects the particle output
 the particle stacks (read from the project folder, or downloaded with
 --download-stacks), then saves a ``volume`` output (map, map_half_A, map_half_B)
 and a ``particles`` output with the new alignments3D (other slots pass through).
+With --classes K > 1: per class (0-based, as alignments3D/class and cryoSPARC's own
+ab-initio) a ``volume_class_<k>`` output (that class's map and half maps; none for a
+class too small to have maps) and a ``particles_class_<k>`` output (that class's rows).
 
 Connection: --base-url, or --host and --base-port; credentials --email and
 --password (or, with cryosparc-tools 5.x, a session stored by
@@ -27,6 +30,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping
+
+import numpy as np
 
 from cryospin_relion.errors import InputError
 
@@ -87,13 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--epochs-amortized", type=int, default=None, help="epochs of the amortized phase")
     a.add_argument("--epochs-autodecode", type=int, default=None, help="epochs of the auto-decoding phase")
     a.add_argument("--seed", type=int, default=None, help="random seed")
+    a.add_argument("--classes", type=int, default=None, metavar="K",
+                   help="K classes (maps); K > 1 saves one volume and one particles output per class, "
+                        "volume_class_0 / particles_class_0, ... (default: abinit's, 1)")
     return p
 
 
 def abinit_args(args: argparse.Namespace, extra: list[str]) -> list[str]:
     """The options for ``cryospin abinit`` (named ones first, then the unknown ones as given)."""
     out: list[str] = []
-    for name in ("box", "heads", "epochs_amortized", "epochs_autodecode", "seed"):
+    for name in ("box", "heads", "epochs_amortized", "epochs_autodecode", "seed", "classes"):
         v = getattr(args, name)
         if v is not None:
             out += [f"--{name.replace('_', '-')}", str(v)]
@@ -189,6 +197,62 @@ def prepare_stacks(ds, project_dir: str | None, workdir: Path, download: bool, s
     return localize_blob_paths(ds, local)
 
 
+def save_volume(server: ModuleType, job: Any, ds, volumes: dict[str, Path], fsc: Path | None, log,
+                name: str | None = None, title: str | None = None, prefix: str = "cryospin_") -> None:
+    """Upload the maps ``volumes`` (slot -> MRC) (and ``fsc``) into the job folder as ``<prefix><file name>``
+    and save one volume output row referencing them (``name`` None: the one-class output ``volume``)."""
+    from cs_tools import convert
+
+    box = int(ds["blob/shape"][0][-1]) if "blob/shape" in ds.fields() else None
+    shapes, psize = {}, None
+    for slot, path in volumes.items():
+        shape, vs = convert.volume_info(path)
+        if box:
+            want = convert.expected_voxel_size(float(ds["blob/psize_A"][0]), box, shape[-1])
+            shape, vs = convert.volume_info(path, want)
+        shapes[slot], psize = shape, vs
+    paths = {slot: server.upload(job, f"{prefix}{p.name}", p) for slot, p in volumes.items()}
+    if fsc is not None:
+        server.upload(job, f"{prefix}fsc.txt", fsc)
+    if name is None:  # the one-class job's calls, as before
+        alloc = server.add_volume_output(job)
+        name = server.VOLUME_OUTPUT
+    else:
+        alloc = server.add_volume_output(job, name=name, title=title)
+    vol = convert.volume_output(paths, shapes, psize, uid=int(alloc["uid"][0]))
+    server.save_output(job, name, convert.fill_allocated(alloc, vol))
+    log(f"saved {name} output: {', '.join(paths.values())} ({shapes['map'][-1]} px, {psize:.4f} A/px)")
+
+
+def save_classes(server: ModuleType, job: Any, ds, out, built, log, listed: list[int] = ()) -> None:
+    """A K-class run's outputs: per class (0-based k, folder class{k+1:03d}) ``volume_class_<k>`` (when the
+    class has maps) and ``particles_class_<k>`` (its rows of ``built``, when it has any). ``listed``: the
+    1-based classes of the run's summary, so that a class with neither is logged as well."""
+    from cs_tools import convert
+
+    cls = convert.particle_classes(built)
+    maps = {c.number: c for c in out.classes}
+    for number in sorted(set(maps) | set((cls + 1).tolist()) | set(listed)):
+        k = number - 1
+        vol_name, parts_name = convert.class_output_names(k)
+        rows = np.flatnonzero(cls == k)
+        folder = f"class{number:03d}"
+        if number in maps:
+            save_volume(server, job, ds, maps[number].volumes, maps[number].fsc, log, name=vol_name,
+                        title=f"cryoSPIN class {k} map ({folder})", prefix=f"cryospin_{folder}_")
+        else:
+            log(f"{folder}: {len(rows)} particles, no maps (too few for two halves): no {vol_name} output",
+                "warning")
+        if not len(rows):
+            log(f"{folder}: no particles: no {parts_name} output", "warning")
+        else:
+            part = built.take(rows)
+            alloc = server.add_particles_output(job, part, name=parts_name,
+                                                title=f"cryoSPIN class {k} particles ({folder})")
+            server.save_output(job, parts_name, convert.fill_allocated(alloc, part))
+            log(f"saved {parts_name} output: {len(rows)} particles")
+
+
 def run_job(args: argparse.Namespace, extra: list[str], server: ModuleType | None = None,
             environ: Mapping[str, str] | None = None) -> int:
     """The whole External job; ``server`` is cs_tools.server (or a stand-in with the same functions)."""
@@ -238,36 +302,25 @@ def run_job(args: argparse.Namespace, extra: list[str], server: ModuleType | Non
                                      gpus=args.gpus)
         log("running: " + " ".join(cmd))
         convert.run_command(cmd, log=log, cwd=workdir, log_every=10.0)
+        listed = []  # the summary's classes (K > 1), so that an empty class is reported too
         if summary.is_file():
             try:
-                log("summary: " + json.dumps(json.loads(summary.read_text()))[:2000])
-            except ValueError:
+                summ = json.loads(summary.read_text())
+                log("summary: " + json.dumps(summ)[:2000])
+                listed = [c["class"] for c in summ.get("classes") or [] if isinstance(c.get("class"), int)]
+            except (ValueError, AttributeError, TypeError):
                 pass
         out = convert.abinit_outputs(outdir)
-
-        # volume output: upload the maps into the job folder, one row referencing them
-        box = int(ds["blob/shape"][0][-1]) if "blob/shape" in ds.fields() else None
-        shapes, psize = {}, None
-        for slot, path in out.volumes.items():
-            shape, vs = convert.volume_info(path)
-            if box:
-                want = convert.expected_voxel_size(float(ds["blob/psize_A"][0]), box, shape[-1])
-                shape, vs = convert.volume_info(path, want)
-            shapes[slot], psize = shape, vs
-        paths = {slot: server.upload(job, f"cryospin_{p.name}", p) for slot, p in out.volumes.items()}
-        if out.fsc is not None:
-            server.upload(job, "cryospin_fsc.txt", out.fsc)
-        alloc = server.add_volume_output(job)
-        vol = convert.volume_output(paths, shapes, psize, uid=int(alloc["uid"][0]))
-        server.save_output(job, server.VOLUME_OUTPUT, convert.fill_allocated(alloc, vol))
-        log(f"saved volume output: {', '.join(paths.values())} ({shapes['map'][-1]} px, {psize:.4f} A/px)")
-
-        # particles output: new alignments3D, everything else passed through by cryoSPARC
         built = convert.result_particles(out, ds)
         save_cs(built, workdir / "particles_with_poses.cs")
-        alloc = server.add_particles_output(job, built)
-        server.save_output(job, server.PARTICLES_OUTPUT, convert.fill_allocated(alloc, built))
-        log(f"saved particles output with alignments3D for {len(built)} particles")
+        if out.classes is None:
+            save_volume(server, job, ds, out.volumes, out.fsc, log)
+            # particles output: new alignments3D, everything else passed through by cryoSPARC
+            alloc = server.add_particles_output(job, built)
+            server.save_output(job, server.PARTICLES_OUTPUT, convert.fill_allocated(alloc, built))
+            log(f"saved particles output with alignments3D for {len(built)} particles")
+        else:
+            save_classes(server, job, ds, out, built, log, listed)
     print(f"{PROG}: done: {args.project} {uid}; local files in {workdir}", file=sys.stderr)
     return 0
 

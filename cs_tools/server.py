@@ -155,17 +155,20 @@ def upload(job: Any, name: str, local_path: str | os.PathLike) -> str:
     return str(PurePosixPath(job_uid(job)) / name)
 
 
-def add_volume_output(job: Any) -> Dataset:
-    """Add the ``volume`` output (slots map, map_half_A, map_half_B); returns a 1-row allocation."""
+def add_volume_output(job: Any, name: str = VOLUME_OUTPUT, title: str | None = None) -> Dataset:
+    """Add a volume output ``name`` (slots map, map_half_A, map_half_B); returns a 1-row allocation.
+
+    An External job may have several outputs of one type, told apart by name (letters, digits, ``_``):
+    ``volume`` for one class, ``volume_class_0``, ``volume_class_1``, ... for K classes."""
     slots = [slot(s, VOLUME_SLOT_DTYPE) for s in VOLUME_SLOTS]
-    return job.add_output("volume", VOLUME_OUTPUT, slots=slots, title="cryoSPIN map", alloc=1)
+    return job.add_output("volume", name, slots=slots, title=title or "cryoSPIN map", alloc=1)
 
 
-def add_particles_output(job: Any, like: Dataset) -> Dataset:
-    """Add the ``particles`` output (new alignments3D, rest passed through from the input);
-    returns an allocation with the uids of ``like``."""
-    return job.add_output("particle", PARTICLES_OUTPUT, slots=[slot("alignments3D")], passthrough=PARTICLES_INPUT,
-                          title="Particles with cryoSPIN poses", alloc=like)
+def add_particles_output(job: Any, like: Dataset, name: str = PARTICLES_OUTPUT, title: str | None = None) -> Dataset:
+    """Add a particle output ``name`` (new alignments3D, rest passed through from the input);
+    returns an allocation with the uids of ``like`` (for K classes: ``particles_class_<k>``, that class's rows)."""
+    return job.add_output("particle", name, slots=[slot("alignments3D")], passthrough=PARTICLES_INPUT,
+                          title=title or "Particles with cryoSPIN poses", alloc=like)
 
 
 def save_output(job: Any, name: str, ds: Dataset) -> None:

@@ -20,7 +20,11 @@ The job folder then holds what ``cryospin abinit`` writes (map.mrc,
 half1_map.mrc, half2_map.mrc, decoder_map.mrc, fsc.txt, particles.star,
 logfile.pdf, run.log, config.yaml, checkpoint.pt) plus RELION_OUTPUT_NODES.star
 and one of RELION_JOB_EXIT_SUCCESS / _FAILURE / _ABORTED. The map, half-map 1,
-the particles and the PDF log are registered as output nodes. When the folder
+the particles and the PDF log are registered as output nodes. The parameter
+``classes`` K (default 1) is passed as ``--classes K``; with K > 1 abinit writes
+one folder per class (class001/map.mrc, half1_map.mrc, ...) instead of the
+top-level maps, and every class's map and half-map 1 are registered, with the
+one particles.star (rlnClassNumber 1..K) and the PDF log. When the folder
 already holds a checkpoint.pt (a job run again with "Continue"), the run resumes
 from it unless the parameter ``continue`` is ``no``.
 
@@ -30,7 +34,9 @@ Exit status: 0 succeeded, 2 bad input or settings, 3 aborted, 1 other failure.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import signal
 import sys
 import time
@@ -58,6 +64,14 @@ OUTPUTS = (
     ("half1_map.mrc", "halfmap", False),
     ("logfile.pdf", "logfile", False),
 )
+
+# each class's outputs when abinit ran with --classes K > 1 (classNNN/ folders, 1-based, 3 digits); a class
+# too small to backproject has no folder or no maps and is not registered
+CLASS_OUTPUTS = (
+    ("map.mrc", "map", True),
+    ("half1_map.mrc", "halfmap", False),
+)
+CLASS_FOLDER = re.compile(r"^class(\d{3})$")
 
 EXIT_CODES = {"success": 0, "failure": 1, "bad_input": 2, "aborted": 3}
 
@@ -153,10 +167,15 @@ def build_command(argv: Sequence[str], known: dict[str, bool], base: Sequence[st
         raise JobFailed("\n".join(clash), code=2)
     params = dict(args.params)
     gpus = _gpus(params.pop("gpus", "1"))
+    classes = _classes(params.pop("classes")) if "classes" in params else None  # None: abinit's default / YAML
     if gpus > 1:  # the engine as gpus data-parallel ranks under torchrun (engine/distributed.py)
         base = [base[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus), *base[1:]]
     resume = params.get("continue")
     options = params_to_options(params, known)
+    if classes is not None and "classes" in known:
+        options += ["--classes", str(classes)]
+    elif classes is not None and classes > 1:  # an abinit from before --classes
+        raise JobFailed(f"parameter 'classes' {classes}: this cryospin abinit has no --classes option", code=2)
     outdir = args.outdir
     if resume is None and "continue" in known and checkpoint_exists(Path(outdir) / CHECKPOINT):
         _say(f"note: {outdir}{CHECKPOINT} found: resuming from it (set the parameter continue = no to start over)")
@@ -178,11 +197,70 @@ def _gpus(value: str) -> int:
     return n
 
 
-def register_outputs(outdir: str) -> list[tuple[str, str]]:
-    """Write RELION_OUTPUT_NODES.star for the outputs present; JobFailed if a required one is missing."""
+def _classes(value: str) -> int:
+    """The job parameter ``classes``: how many classes (maps) abinit makes, 1 = one map as before."""
+    try:
+        k = int(value.strip() or "1")
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise JobFailed(f"parameter 'classes' must be a whole number >= 1, not '{value}'", code=2)
+    return k
+
+
+def _summary_classes(outdir: str) -> list[dict] | None:
+    """The ``classes`` list of the run's summary.json (written by abinit when K > 1), else None (also when
+    a top-level map.mrc is newer: the summary of an earlier run, this one's written elsewhere)."""
+    summary, top = Path(outdir, "summary.json"), Path(outdir, "map.mrc")
+    try:
+        if top.is_file() and top.stat().st_mtime > summary.stat().st_mtime:
+            return None
+        listed = json.loads(summary.read_text()).get("classes")
+    except (OSError, ValueError, AttributeError):
+        return None
+    ok = isinstance(listed, list) and all(isinstance(c, dict) and isinstance(c.get("class"), int) for c in listed)
+    return listed if ok and len(listed) > 1 else None
+
+
+def class_folders(outdir: str) -> tuple[list[str], list[str]]:
+    """(``classNNN`` folders whose maps to register, 'classNNN (N particles)' of classes without maps).
+
+    ([], []) for a one-class run. The run's summary.json names the classes and which have maps (a folder
+    reused from an earlier run may hold other class folders); without it, every ``classNNN`` folder holding
+    a map.mrc, unless a top-level map.mrc is newer than all of them (a later one-class run in the folder).
+    """
+    listed = _summary_classes(outdir)
+    if listed is not None:
+        with_maps = [f"class{c['class']:03d}" for c in listed if c.get("map")]
+        without = [f"class{c['class']:03d} ({c.get('n_particles', '?')} particles)" for c in listed if not c.get("map")]
+        return with_maps, without
+    root = Path(outdir)
+    found = sorted(d.name for d in root.iterdir() if CLASS_FOLDER.match(d.name) and (d / "map.mrc").is_file()) \
+        if root.is_dir() else []
+    top = root / "map.mrc"
+    if found and top.is_file() and top.stat().st_mtime > max((root / d / "map.mrc").stat().st_mtime for d in found):
+        return [], []
+    return found, []
+
+
+def output_files(outdir: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """([(path, node kind)] of the outputs present, [required file names missing]).
+
+    One class: OUTPUTS. K classes: particles.star, then each class folder's CLASS_OUTPUTS, then logfile.pdf.
+    """
     nodes, missing = [], []
-    # abinit writes map.mrc and the half maps at the particles' box and pixel size, as refinement needs
-    for fname, kind, required in OUTPUTS:
+    folders, without_maps = class_folders(outdir)
+    for c in without_maps:
+        _say(f"note: {c} has no maps (too few particles); not registered")
+    if not folders and not without_maps:
+        wanted = OUTPUTS
+    else:
+        wanted = [o for o in OUTPUTS if o[1] == "particles"]
+        wanted += [(f"{d}/{fname}", kind, required) for d in folders for fname, kind, required in CLASS_OUTPUTS]
+        wanted += [o for o in OUTPUTS if o[1] == "logfile"]
+        if not folders:
+            missing.append("any class map (classNNN/map.mrc)")
+    for fname, kind, required in wanted:
         path = outdir + fname
         if Path(path).is_file():
             nodes.append((path, kind))
@@ -190,6 +268,13 @@ def register_outputs(outdir: str) -> list[tuple[str, str]]:
             missing.append(fname)
         else:
             _say(f"warning: {path} was not written; not registered as an output node")
+    return nodes, missing
+
+
+def register_outputs(outdir: str) -> list[tuple[str, str]]:
+    """Write RELION_OUTPUT_NODES.star for the outputs present; JobFailed if a required one is missing."""
+    # abinit writes the maps and half maps at the particles' box and pixel size, as refinement needs
+    nodes, missing = output_files(outdir)
     if missing:
         raise JobFailed(f"cryospin abinit finished but did not write {', '.join(missing)} in {outdir}")
     rel = [(_project_relative(p), kind) for p, kind in nodes]

@@ -19,6 +19,19 @@ through a shell, so a parameter value with spaces arrives as several tokens and
 an empty value arrives as a bare flag. :func:`parse_relion_args` undoes that as
 well as it can: a flag followed by non-flag tokens takes them all, joined by one
 space; a flag directly followed by another flag (or the end) has the value "".
+
+A job that succeeds tells RELION its outputs in ``<outdir>RELION_OUTPUT_NODES.star``
+(nodes.py), written before ``RELION_JOB_EXIT_SUCCESS``: one row per file, its
+project-relative name and node type; every file listed must exist. A node may
+be in a subfolder of the job: RELION 3.1.3 registers
+``External/jobNNN/class001/map.mrc`` like any other (in default_pipeline.star
+and as ``.Nodes/6/External/jobNNN/class001/map.mrc``). The cryoSPIN job
+(external_job.py) registers particles.star (particles), map.mrc (map),
+half1_map.mrc (half map; RELION finds half 2 by its name) and logfile.pdf; with
+the job parameter ``classes`` K > 1 (``--classes K``), instead of the top-level
+maps, ``classNNN/map.mrc`` and ``classNNN/half1_map.mrc`` of every class that has
+maps (1-based, 3 digits, as rlnClassNumber), with the one particles.star
+(rlnClassNumber 1..K) and logfile.pdf.
 """
 
 from __future__ import annotations

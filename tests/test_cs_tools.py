@@ -399,16 +399,34 @@ FAKE_ABINIT = textwrap.dedent('''
     assert Path(str(ds["blob/path"][0])).is_file()
     o.mkdir(parents=True, exist_ok=True)
     n, box, ps = len(ds), int(ds["blob/shape"][0][-1]), float(ds["blob/psize_A"][0])
-    for name in ("map.mrc", "half1_map.mrc", "half2_map.mrc"):
-        write_mrc(o / name, np.zeros((8, 8, 8), np.float32), ps * box / 8)
+    k = int(args[args.index("--classes") + 1]) if "--classes" in args else 1
+    # K >= 3: rows in classes 0, 1, 0, 1, ..., the last row in class 2, which then has no maps (too small);
+    # classes 3.. are empty (listed in the summary only)
+    cls = np.array([i % 2 for i in range(n - 1)] + [2]) if k > 1 else None
+    folders = [o] if k == 1 else [o / "class001", o / "class002"]
+    if k > 1:
+        import json
+        summary = Path(args[args.index("--json-summary") + 1])
+        summary.write_text(json.dumps({"classes": [{"class": c, "n_particles": int((cls == c - 1).sum())}
+                                                   for c in range(1, k + 1)]}))
+    for c, d in enumerate(folders):
+        d.mkdir(exist_ok=True)
+        for name in ("map.mrc", "half1_map.mrc", "half2_map.mrc"):
+            write_mrc(d / name, np.full((8, 8, 8), c, np.float32), ps * box / 8)
+        (d / "fsc.txt").write_text(f"{c} 1\\n")
     ds.add_fields([("alignments3D/split", "u4"), ("alignments3D/shift", "f4", (2,)),
                    ("alignments3D/pose", "f4", (3,)), ("alignments3D/psize_A", "f4")])
     ds["alignments3D/pose"] = relion_to_cryosparc_pose(np.tile(np.eye(3), (n, 1, 1))).astype(np.float32)
     ds["alignments3D/shift"] = np.full((n, 2), 0.5, np.float32)
     ds["alignments3D/psize_A"] = np.full(n, ps, np.float32)
     ds["alignments3D/split"] = (np.arange(n) % 2).astype(np.uint32)
+    if cls is not None:
+        ds.add_fields([("alignments3D/class", "u4"), ("alignments3D/class_posterior", "f4"),
+                       ("alignments3D/class_ess", "f4")])
+        ds["alignments3D/class"] = cls.astype(np.uint32)
+        ds["alignments3D/class_posterior"] = 1.0
+        ds["alignments3D/class_ess"] = 1.0
     ds.take(np.arange(n)[::-1]).save(o / "particles.cs")
-    (o / "fsc.txt").write_text("0 1\\n")
 ''')
 
 
@@ -437,12 +455,12 @@ def make_fake_server(input_ds, project_dir, template):
             raise
         j.state = "completed"
 
-    def add_particles_output(j, like):
-        calls.append(("add_output", "particle", "particles"))
+    def add_particles_output(j, like, name=real.PARTICLES_OUTPUT, title=None):
+        calls.append(("add_output", "particle", name))
         return Dataset({"uid": like["uid"]}).add_fields(template)
 
-    def add_volume_output(j):
-        calls.append(("add_output", "volume", "volume"))
+    def add_volume_output(j, name=real.VOLUME_OUTPUT, title=None):
+        calls.append(("add_output", "volume", name))
         return Dataset.allocate(1, [(f"{s}/{k}", *t) for s in convert.VOLUME_SLOTS
                                     for k, *t in (("path", "O"), ("shape", "u4", (3,)), ("psize_A", "f4"))])
 
@@ -529,6 +547,93 @@ def test_run_job_with_real_abinit_and_stand_in_server(empiar, shared_data, tmp_p
     assert job.uploads["cryospin_map.mrc"] == local.read_bytes()
     with mrcfile.open(local, permissive=True) as m:
         assert float(m.voxel_size.x) == pytest.approx(float(vol["map/psize_A"][0]), rel=1e-5)
+
+
+def test_run_job_with_classes_saves_one_volume_and_one_particle_output_per_class(empiar, shared_data, tmp_path,
+                                                                                monkeypatch):
+    """--classes 4 (stand-in abinit: 7 particles in classes 0, 1, 0, 1, 0, 1, 2; class 2 too small for maps,
+    class 3 empty): volume_class_0/1 with that class's maps, particles_class_0/1/2 with exactly that class's
+    rows, nothing for class 3 but a warning."""
+    fake, job, calls, args, unknown, ds = _run_fake(empiar, shared_data, tmp_path, monkeypatch,
+                                                    extra=["--classes", "4"])
+    assert args.classes == 4 and "--classes 4" in " ".join(ej.abinit_args(args, unknown))
+    assert ej.run_job(args, unknown, server=fake, environ={}) == 0, job.logs[-5:]
+    assert job.state == "completed"
+    outputs = [c[1:] for c in calls if c[0] == "add_output"]
+    assert outputs == [("volume", "volume_class_0"), ("particle", "particles_class_0"),
+                       ("volume", "volume_class_1"), ("particle", "particles_class_1"),
+                       ("particle", "particles_class_2")]
+    assert set(job.saved) == {"volume_class_0", "particles_class_0", "volume_class_1", "particles_class_1",
+                              "particles_class_2"}
+    # each volume row references that class's uploaded maps (the stand-in fills class k's maps with k)
+    import mrcfile
+
+    for k in (0, 1):
+        vol = job.saved[f"volume_class_{k}"]
+        folder = f"class{k + 1:03d}"
+        assert len(vol) == 1
+        for slot, name in convert.VOLUME_SLOTS.items():
+            assert str(vol[f"{slot}/path"][0]) == f"J99/cryospin_{folder}_{name}"
+            local = tmp_path / "work" / "abinit" / folder / name
+            assert job.uploads[f"cryospin_{folder}_{name}"] == local.read_bytes()
+            with mrcfile.open(local, permissive=True) as m:
+                assert float(m.data.mean()) == k
+        assert float(vol["map/psize_A"][0]) == pytest.approx(1.31 * 320 / 8, rel=1e-4)
+        assert f"cryospin_{folder}_fsc.txt" in job.uploads
+    assert not any("class003" in name for name in job.uploads) and "cryospin_map.mrc" not in job.uploads
+    # each particle output: exactly the uids of that class, with its alignments3D/class and hard posterior
+    want = {0: [0, 2, 4], 1: [1, 3, 5], 2: [6]}
+    for k, rows in want.items():
+        parts = job.saved[f"particles_class_{k}"]
+        assert _same(np.sort(parts["uid"]), np.sort(ds["uid"][rows]))
+        assert (parts["alignments3D/class"] == k).all() and (parts["alignments3D/class_posterior"] == 1).all()
+        assert (parts["alignments3D/shift"] == 0.5).all()
+        by_uid = dict(zip(ds["uid"].tolist(), range(len(ds))))
+        np.testing.assert_array_equal(parts["alignments3D/split"], [by_uid[u] % 2 for u in parts["uid"].tolist()])
+    assert sum(len(job.saved[f"particles_class_{k}"]) for k in want) == len(ds)
+    assert any(lv == "warning" and "class003: 1 particles, no maps" in t for lv, t in job.logs)
+    assert any(lv == "warning" and "class004: no particles: no particles_class_3 output" in t for lv, t in job.logs)
+    local = Dataset.load(tmp_path / "work" / "particles_with_poses.cs")
+    np.testing.assert_array_equal(local["alignments3D/class"], [0, 1, 0, 1, 0, 1, 2])
+
+
+def test_class_outputs_from_a_star_only_result(p12, tmp_path):
+    """A K-class result given as particles.star only: the classes come from rlnClassNumber - 1."""
+    table = read_particles(p12, check_stacks=False)
+    R, sh, halves = _new_poses(len(table), seed=19)
+    classes = np.arange(len(table)) % 3
+    outdir = tmp_path / "abinit"
+    for c in (1, 2, 3):
+        (outdir / f"class{c:03d}").mkdir(parents=True)
+        for name in convert.VOLUME_SLOTS.values():
+            write_mrc(outdir / f"class{c:03d}" / name, np.zeros((4, 4, 4), np.float32), 2.0)
+    star = outdir / "particles.star"
+    write_particles(table.with_poses(R, sh, halves).with_classes(classes), star)
+    assert "rlnClassNumber" in star.read_text()
+    outs = convert.abinit_outputs(outdir)
+    assert outs.volumes == {} and [c.number for c in outs.classes] == [1, 2, 3]
+    assert outs.classes[1].volumes["map_half_B"] == outdir / "class002" / "half2_map.mrc"
+    got = convert.result_particles(outs, table.raw)
+    np.testing.assert_array_equal(convert.particle_classes(got), classes)
+    assert got["alignments3D/class"].dtype == np.uint32 and (got["alignments3D/class_posterior"] == 1).all()
+    assert convert.class_output_names(2) == ("volume_class_2", "particles_class_2")
+    # the same from the particles.cs the I/O layer writes (matched by uid, in any order)
+    write_particles(table.with_poses(R, sh, halves).with_classes(classes), outdir / "particles.cs")
+    got = convert.result_particles(convert.abinit_outputs(outdir), table.raw.take(np.arange(len(table))[::-1]))
+    np.testing.assert_array_equal(convert.particle_classes(got), classes[::-1])
+    (outdir / "particles.cs").unlink()
+    # a one-class result keeps the top-level maps and adds no class field
+    for name in convert.VOLUME_SLOTS.values():
+        write_mrc(outdir / name, np.zeros((4, 4, 4), np.float32), 2.0)
+    write_particles(table.with_poses(R, sh, halves), star)
+    outs = convert.abinit_outputs(outdir)
+    assert outs.classes is None and set(outs.volumes) == set(convert.VOLUME_SLOTS)
+    # a class folder missing a map is an error naming it
+    for name in convert.VOLUME_SLOTS.values():
+        (outdir / name).unlink()
+    (outdir / "class002" / "half1_map.mrc").unlink()
+    with pytest.raises(InputError, match="class002/half1_map.mrc: abinit output missing"):
+        convert.abinit_outputs(outdir)
 
 
 def test_run_job_failure_marks_job_failed(empiar, shared_data, tmp_path, monkeypatch, capsys):
@@ -646,3 +751,20 @@ def test_server_calls_bind_to_the_installed_cryosparc_tools(tmp_path, shared_dat
                        passthrough=kw.get("passthrough"))
     vol = next(c for c in job.calls if c[0] == "add_output" and c[1][0] == "volume")
     assert [as_output_slot(s).name for s in vol[2]["slots"]] == ["map", "map_half_A", "map_half_B"]
+    # K classes: several outputs of one type, told apart by names that cryosparc-tools' own check accepts
+    import re
+
+    from cryosparc.controllers.job import GROUP_NAME_PATTERN
+
+    job.calls.clear()
+    for k in (0, 1):
+        vname, pname = convert.class_output_names(k)
+        server.add_volume_output(job, name=vname, title=f"class {k}")
+        server.add_particles_output(job, ds.take([k]), name=pname, title=f"class {k}")
+    named = [(c[1][0], c[1][1], c[2]["title"]) for c in job.calls]
+    assert named == [("volume", "volume_class_0", "class 0"), ("particle", "particles_class_0", "class 0"),
+                     ("volume", "volume_class_1", "class 1"), ("particle", "particles_class_1", "class 1")]
+    assert all(re.fullmatch(GROUP_NAME_PATTERN, n) for _, n, _ in named)
+    for name, args, kw in job.calls:
+        OutputSpec(type=args[0], title=kw["title"], slots=[as_output_slot(s) for s in kw["slots"]],
+                   passthrough=kw.get("passthrough"))

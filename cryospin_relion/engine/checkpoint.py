@@ -6,7 +6,8 @@ A checkpoint is a dict of tensors (on the CPU), dicts, lists and primitives only
 - ``version`` (CHECKPOINT_VERSION), ``config`` (the flat config), ``n_particles``, ``box``;
 - the schedule position: ``epoch``, ``stage``, ``batch_pos``, ``done``, ``trial`` (stage-1 start);
 - ``tally`` (the running epoch's sums), ``history`` (engine/history.py);
-- ``models`` (encoder, volume, optimisers), ``pose_table``, ``memory``, ``prev_R``.
+- ``models`` (encoder, volume, optimisers), ``pose_table``, ``memory``, ``prev_R``;
+- with K classes also ``classes`` (N,) and ``class_memories`` (the pose memories of classes 2..K).
 
 No global random state is saved: every random number of a run comes from a seeded
 generator (engine/schedule.py ``Seeds``), so a resumed run is identical to an
@@ -38,6 +39,8 @@ def engine_state(eng) -> dict:
         "pose_table": eng.table.state_dict(),
         "memory": eng.memory.state_dict(),
         "prev_R": None if eng.prev_R is None else eng.prev_R.cpu(),
+        **({} if eng.K == 1 else {"classes": eng.classes.cpu(),
+                                  "class_memories": [m.state_dict() for m in eng.memories[1:]]}),
     }
 
 
@@ -51,6 +54,10 @@ def restore_engine(eng, d: dict) -> None:
     eng.models.load_state_dict(d["models"])
     eng.table.load_state_dict(d["pose_table"])
     eng.memory.load_state_dict(d["memory"])
+    if eng.K > 1:
+        for m, md in zip(eng.memories[1:], d["class_memories"], strict=True):
+            m.load_state_dict(md)
+        eng.classes = d["classes"].to(eng.device)
     eng.prev_R = None if d["prev_R"] is None else d["prev_R"].to(eng.device)
     eng.epoch, eng.stage, eng.batch_pos = d["epoch"], d["stage"], d["batch_pos"]
     eng.trial = int(d["trial"])

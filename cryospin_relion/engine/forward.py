@@ -41,6 +41,7 @@ class Batch:
     mask: Tensor  # (c, c) bool
     box: int  # n
     crop: int  # c
+    cls: Tensor | None = None  # (B,) each image's class (0-based), for K class volumes; None with one volume
 
 
 def crop_mask(box: int, crop: int, mask_radius: float = 1.0, device=None) -> Tensor:
@@ -81,7 +82,7 @@ def recrop(batch: Batch, crop: int) -> Batch:
     mask &= radius_grid_2d(crop, device=mask.device) < crop / 2
     ctf = None if batch.ctf is None else crop_centered_2d(batch.ctf, crop).contiguous()
     return Batch(batch.idx, batch.images, crop_centered_2d(batch.target, crop).contiguous(), ctf, mask,
-                 batch.box, crop)
+                 batch.box, crop, batch.cls)
 
 
 def render(slices: Tensor, ctf: Tensor | None, shifts_px: Tensor, box: int) -> Tensor:

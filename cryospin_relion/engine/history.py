@@ -80,6 +80,8 @@ class EpochRecord:
     winner_source_share: dict[str, float] | None  # WINNER_SOURCES -> fraction of images
     pose_change_deg: float | None  # median geodesic change of each pose since the previous epoch
     switched: bool  # stage 2 starts after this epoch
+    class_sizes: list[int] | None = None  # K > 1: particles per class at the epoch's end (stage 1: its subset)
+    class_moves: int | None = None  # K > 1, stage 2: particles that changed class after the epoch
 
 
 @dataclass
@@ -123,6 +125,7 @@ class History:
     trials: TrialsRecord | None = None
     assign_s: float | None = None  # time of the first-pose pass of the particles outside the stage-1 subset
     first_poses: FirstPoseRecord | None = None  # that pass
+    class_reseeds: list[dict] = field(default_factory=list)  # K > 1: {"epoch", "class", "from_class"} (0-based)
 
     def __len__(self) -> int:
         return len(self.epochs)
@@ -155,6 +158,8 @@ class History:
             out["assign_s"] = self.assign_s
         if self.first_poses is not None:
             out["first_poses"] = dataclasses.asdict(self.first_poses)
+        if self.class_reseeds:
+            out["class_reseeds"] = list(self.class_reseeds)
         return out
 
     def state_dict(self) -> dict:
@@ -164,7 +169,8 @@ class History:
     def from_state(cls, d: dict) -> "History":
         return cls(epochs=[EpochRecord(**e) for e in d["epochs"]], switch_epoch=d["switch_epoch"],
                    trials=None if d["trials"] is None else TrialsRecord(**d["trials"]), assign_s=d["assign_s"],
-                   first_poses=None if d.get("first_poses") is None else FirstPoseRecord(**d["first_poses"]))
+                   first_poses=None if d.get("first_poses") is None else FirstPoseRecord(**d["first_poses"]),
+                   class_reseeds=list(d.get("class_reseeds", [])))
 
 
 def epoch_line(rec: EpochRecord, seconds: float, explore: bool) -> str:
@@ -177,6 +183,10 @@ def epoch_line(rec: EpochRecord, seconds: float, explore: bool) -> str:
         msg += " heads " + "/".join(f"{100 * s:.0f}" for s in rec.head_win_share) + "%"
         if explore:
             msg += " winners " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in rec.winner_source_share.items())
+    if rec.class_sizes is not None:
+        msg += " classes " + "/".join(map(str, rec.class_sizes))
+        if rec.class_moves is not None:
+            msg += f" ({rec.class_moves} moved)"
     if rec.switched:
         msg += f" -> switch to auto-decoding after {rec.epoch} epochs"
     return msg

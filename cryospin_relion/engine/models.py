@@ -2,8 +2,9 @@
 
 Stage 1 trains the encoder and the volume (``opt_encoder``, ``opt_volume1``); stage 2
 the volume alone with its own optimiser and learning rate (``opt_volume2``), as the
-reference does. Models are built under their own seed in a forked random state, so
-building them never changes the global random numbers of the caller.
+reference does. With K classes (``classes``) the volume is a ``ClassVolumes`` of K volumes and the
+encoder has K x M heads (class k's heads are k*M .. k*M+M-1; engine/classes.py). Models are built under
+their own seed in a forked random state, so building them never changes the global random numbers of the caller.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 
 from cryospin_relion.config import AbinitConfig
+from cryospin_relion.model.class_volumes import ClassVolumes
 from cryospin_relion.model.encoder import PoseEncoder
 from cryospin_relion.model.volume import HartleyVolume
 
@@ -23,7 +25,7 @@ class Models:
     """The encoder, the volume and their optimisers (stage 1 and stage 2 each have a volume optimiser)."""
 
     encoder: PoseEncoder
-    volume: HartleyVolume
+    volume: HartleyVolume | ClassVolumes
     opt_encoder: torch.optim.Optimizer
     opt_volume1: torch.optim.Optimizer
     opt_volume2: torch.optim.Optimizer
@@ -35,8 +37,11 @@ class Models:
         m, o = cfg.model, cfg.optim
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            encoder = PoseEncoder(encoder_box, m.heads, max_shift, m.preset, m.octaves).to(device)
+            encoder = PoseEncoder(encoder_box, m.heads * m.classes, max_shift, m.preset, m.octaves).to(device)
             volume = HartleyVolume(box, m.volume_param, m.mask_radius, radial).to(device)
+            if m.classes > 1:
+                volume = ClassVolumes([volume] + [HartleyVolume(box, m.volume_param, m.mask_radius, radial).to(device)
+                                                  for _ in range(m.classes - 1)])
         return cls(encoder, volume, torch.optim.Adam(encoder.parameters(), lr=o.lr_encoder),
                    torch.optim.Adam(volume.parameters(), lr=o.lr_decoder),
                    torch.optim.Adam(volume.parameters(), lr=o.lr_decoder_stage2))

@@ -34,6 +34,11 @@ current volume (``_assign_unvisited``).
 
 Coarse-to-fine, batch order and seeds: engine/schedule.py.
 
+K classes (``classes`` > 1, engine/classes.py): K volumes, K x M heads, a pose memory per class and each
+particle's class (``self.classes``). Stage 1 searches every image in every class and trains the classes by
+annealed soft-to-hard weights, re-seeding classes that empty; the first-pose pass searches every class;
+stage 2 refines each pose in its class and moves particles between classes after each epoch.
+
 Data parallel (``world``, engine/distributed.py): every rank runs this same
 schedule and computes, of each global batch, the rows it owns; gradients are
 summed over the ranks before each step, the epoch's figures are summed after each
@@ -55,6 +60,7 @@ from torch import Tensor
 
 from cryospin_relion.config import AbinitConfig
 from cryospin_relion.engine.checkpoint import engine_state, restore_engine
+from cryospin_relion.engine.classes import reseed_plan, similarity_at, stage1_class_step
 from cryospin_relion.engine.distributed import ALONE, World
 from cryospin_relion.engine.forward import Batch
 from cryospin_relion.engine.history import (WINNER_SOURCES, EpochRecord, EpochTally, FirstPoseRecord, History,
@@ -64,11 +70,13 @@ from cryospin_relion.engine.particles import ParticleImages
 from cryospin_relion.engine.progress import NoProgress, Progress
 from cryospin_relion.engine.schedule import (FIRST_POSE_BATCH0, Seeds, crop_for_epoch, epoch_batches, should_switch,
                                              stage1_cap, stage1_lr_decoder, stage2_lr_decoder, trial_epochs)
-from cryospin_relion.engine.stage1 import (FIRST_POSE_REFERENCE, SearchResult, first_poses, multihead_losses, pose_fit,
-                                           search_poses, search_sources, stage1_step)
+from cryospin_relion.engine.stage1 import (FIRST_POSE_REFERENCE, SearchResult, batch_rows, candidate_losses,
+                                           first_poses, pose_fit, search_poses, search_sources,
+                                           stage1_step)
 from cryospin_relion.engine.stage2 import stage2_step
 from cryospin_relion.geometry.ctf import CTF
 from cryospin_relion.geometry.rotations import geodesic_distance_deg, super_fibonacci_rotations
+from cryospin_relion.model.class_volumes import ClassVolumes
 from cryospin_relion.model.encoder import PoseEncoder
 from cryospin_relion.model.pose_memory import PoseMemory
 from cryospin_relion.model.pose_table import PoseTable
@@ -91,6 +99,8 @@ class AbinitEngine:
         self.device = torch.device(device)
         self.data = ParticleImages(images, apix_work, None if config.data.no_ctf else ctf, self.device)
         self.N, self.box = self.data.N, self.data.box
+        self.K = config.model.classes
+        self.classes = torch.zeros(self.N, dtype=torch.long, device=self.device)  # each particle's class, 0-based
         self.touched = torch.zeros(self.N, dtype=torch.bool)  # rows this rank updated since the last sync()
         if not world.alone and config.schedule.batch_size < 2 * world.size:
             raise ValueError(f"batch size {config.schedule.batch_size} < 2 x {world.size} ranks")
@@ -120,10 +130,13 @@ class AbinitEngine:
         self.trial = trial
         self.models = Models.build(self.cfg, self.box, self.encoder_box, self.max_shift, self._radial,
                                    self.seeds.model(trial), self.device)
+        # one pose memory per class (class 0's is the run's only one with K = 1): each its own random start
         if self.cfg.search.enabled:
-            self.memory = PoseMemory.random(self.N, Seeds.generator(self.seeds.memory(trial)), self.device)
+            self.memories = [PoseMemory.random(self.N, Seeds.generator(self.seeds.memory(trial) + 104_729 * k),
+                                               self.device) for k in range(self.K)]
         else:
-            self.memory = PoseMemory.identity(self.N, self.device)
+            self.memories = [PoseMemory.identity(self.N, self.device) for _ in range(self.K)]
+        self.classes.zero_()
 
     def _reset_schedule(self) -> None:
         self.epoch = 0  # completed epochs
@@ -146,12 +159,21 @@ class AbinitEngine:
         return self.epoch, self.stage, self.batch_pos
 
     @property
+    def memory(self) -> PoseMemory:
+        """Class 0's pose memory (the only one with one class)."""
+        return self.memories[0]
+
+    @property
     def encoder(self) -> PoseEncoder:
         return self.models.encoder
 
     @property
-    def volume(self) -> HartleyVolume:
+    def volume(self) -> HartleyVolume | ClassVolumes:
         return self.models.volume
+
+    def class_volume(self, k: int) -> HartleyVolume:
+        """Class ``k``'s volume (the volume itself with one class)."""
+        return self.volume if self.K == 1 else self.volume[k]
 
     # -- the schedule ------------------------------------------------------------------------------
     def crop(self, epoch: int | None = None) -> int:
@@ -273,8 +295,11 @@ class AbinitEngine:
                     b = self.batch(rows, c, images)
                     n = int(b.idx.shape[0])
                     if self.stage == 1:
-                        loss, wins, sources = self._stage1_batch(b, bi, dist)
+                        batch_step = self._stage1_batch if self.K == 1 else self._stage1_class_batch
+                        loss, wins, sources = batch_step(b, bi, dist)
                     else:
+                        if self.K > 1:
+                            b.cls = self.classes[b.idx]
                         o = self.cfg.optim
                         loss = stage2_step(self.volume, self.table, self.models.opt_volume2, b, o.pose_iters,
                                            o.vol_iters, self.cfg.model.loss, denom=None if dist is None else dist[1],
@@ -310,8 +335,8 @@ class AbinitEngine:
         if w.alone:
             return
         count = w.sum_(self.touched.to(torch.int32))
-        for t in (self.memory.rotations, self.memory.shifts, self.table.rotations, self.table.shifts, self.table.m,
-                  self.table.v, self.table.steps):
+        for t in (*(x for m in self.memories for x in (m.rotations, m.shifts)), self.classes, self.table.rotations,
+                  self.table.shifts, self.table.m, self.table.v, self.table.steps):
             w.merge_rows(t, self.touched, count)
         self.touched.zero_()
 
@@ -353,25 +378,61 @@ class AbinitEngine:
             src = torch.where(out.overall < cfg.model.heads, 0, ex.source.clamp_min(1))
         return out.loss, wins, torch.bincount(src, minlength=len(WINNER_SOURCES)).tolist()
 
-    def explore(self, b: Batch, bi: int, dist: tuple[Tensor, int] | None = None) -> SearchResult | None:
+    def _stage1_class_batch(self, b: Batch, bi: int, dist: tuple[Tensor, int] | None = None
+                            ) -> tuple[float, list[int], list[int]]:
+        """``_stage1_batch`` with K classes (engine/classes.py): each image searched in every class, the classes
+        trained by the annealed class weights; every class's memory keeps its winner, ``classes`` the best."""
+        cfg, M = self.cfg, self.cfg.model.heads
+        searched = [self.explore(b, bi, dist, k) for k in range(self.K)]
+        out = stage1_class_step(self.encoder, self.volume, self.models.opt_encoder, self.models.opt_volume1, b,
+                                searched, similarity_at(cfg.schedule, self.epoch), cfg.model.loss,
+                                cfg.search.distill_weight, denom=None if dist is None else dist[1],
+                                reduce_grads=None if dist is None else self._sum_model_grads)
+        for k, m in enumerate(self.memories):
+            m.remember(b.idx, out.rot[k], out.shift[k])
+        self.classes[b.idx] = out.best
+        wins = torch.bincount(out.win, minlength=M).tolist()
+        found = torch.stack([x.source for x in searched], 0).gather(0, out.best[None])[0]
+        src = torch.where(out.overall < M, 0, found.clamp_min(1))
+        return out.loss, wins, torch.bincount(src, minlength=len(WINNER_SOURCES)).tolist()
+
+    def _heads(self, images: Tensor, k: int | None) -> tuple[Tensor, Tensor]:
+        """The encoder's head poses (B, M, 3, 3), (B, M, 2) of class ``k`` (None: all heads), in eval mode."""
+        was = self.encoder.training
+        self.encoder.eval()
+        hr, ht = self.encoder(images)
+        self.encoder.train(was)
+        if k is None:
+            return hr, ht
+        M = self.cfg.model.heads
+        return hr[:, k * M:(k + 1) * M], ht[:, k * M:(k + 1) * M]
+
+    def explore(self, b: Batch, bi: int, dist: tuple[Tensor, int] | None = None,
+                k: int | None = None) -> SearchResult | None:
         """Exploration candidate of each image of a stage-1 batch (engine/stage1.py ``search_poses``):
         seeds = the remembered pose and the heads' current poses (detached), refined by the search.
         The generator is seeded by (seed, start, epoch, batch), so a resumed run draws the same candidates.
-        None when exploration is off."""
+        None when exploration is off.
+        With K classes, ``k`` is the class searched (its volume, memory and heads, its own random stream); with
+        exploration off it is then the best of the class's heads (K classes need each class's best pose).
+        """
         sc = self.cfg.search
-        if not sc.enabled:
+        if not sc.enabled and k is None:
             return None
         with torch.no_grad():
-            was = self.encoder.training
-            self.encoder.eval()
-            hr, ht = self.encoder(b.images)
-            self.encoder.train(was)
-        seeds_R = torch.cat([self.memory.rotations[b.idx][:, None], hr], 1)
-        seeds_t = torch.cat([self.memory.shifts[b.idx][:, None], ht], 1)
-        g = Seeds.generator(self.seeds.search(self.trial, self.epoch, bi))
-        return search_poses(self.volume, b, seeds_R, seeds_t, g, self.search_grid(), sc, self.max_shift,
-                            self.cfg.model.loss, draw_rows=None if dist is None else dist[0],
-                            draw_batch=None if dist is None else dist[1])
+            hr, ht = self._heads(b.images, k)
+            vol, mem = self.class_volume(k or 0), self.memories[k or 0]
+            if not sc.enabled:
+                per = candidate_losses(vol, b, hr, ht, self.cfg.model.loss)
+                j = per.argmin(1)
+                ar = torch.arange(len(j), device=j.device)
+                return SearchResult(hr[ar, j], ht[ar, j], per[ar, j], torch.zeros_like(j), torch.zeros_like(j))
+            seeds_R = torch.cat([mem.rotations[b.idx][:, None], hr], 1)
+            seeds_t = torch.cat([mem.shifts[b.idx][:, None], ht], 1)
+            g = Seeds.generator(self.seeds.search(self.trial, self.epoch, bi) + 7_777_777 * (k or 0))
+            return search_poses(vol, b, seeds_R, seeds_t, g, self.search_grid(), sc, self.max_shift,
+                                self.cfg.model.loss, draw_rows=None if dist is None else dist[0],
+                                draw_batch=None if dist is None else dist[1])
 
     def search_grid(self) -> Tensor:
         """The global scan's near-uniform rotations (``explore_candidates``), made on first use."""
@@ -387,7 +448,9 @@ class AbinitEngine:
         encoder's heads (one forward pass) refined locally, and the global scan only for the images whose
         head-local fit is poor (engine/stage1.py ``first_poses``); ``search`` = ``explore`` (the global scan +
         refinement seeded by the random start and the heads); ``heads`` = the best head (the reference switch,
-        and what any mode does without exploration). Returns the pass's record (without its time)."""
+        and what any mode does without exploration). With K classes every class is searched (each class's
+        memory keeps its pose) and each particle joins the class of the lowest loss. Returns the pass's record
+        (without its time)."""
         cfg = self.cfg
         mode = cfg.search.first_pose if cfg.search.enabled else "heads"
         mask = torch.ones(self.N, dtype=torch.bool)
@@ -395,19 +458,7 @@ class AbinitEngine:
         rows = mask.nonzero()[:, 0]
         c = self.crop()
         batches = list(torch.tensor_split(rows, max(1, math.ceil(len(rows) / cfg.schedule.batch_size))))
-        was = self.encoder.training
-        self.encoder.eval()
-        scan_below = None
-        if mode == "amortized":
-            # the rule's reference: the median fit of stage-1 subset images at their remembered poses (the
-            # same on every rank: no collective); the scan below first_pose_scan_below x that
-            ref = self.s1_idx[:FIRST_POSE_REFERENCE]
-            fits = [pose_fit(self.volume, b, self.memory.rotations[b.idx], self.memory.shifts[b.idx], cfg.model.loss)
-                    for b in (self.batch(r, c) for r in torch.split(ref, cfg.schedule.batch_size))]
-            ref_fit = float(torch.cat(fits).median())
-            # a reference <= 0 (stage 1 explains nothing) leaves no basis for trusting the heads: scan all (fit < 1)
-            scan_below = cfg.search.first_pose_scan_below * ref_fit if ref_fit > 0 else float(
-                cfg.search.first_pose_scan_below > 0)
+        scan_below = self._scan_below(c) if mode == "amortized" else None
         counts = torch.zeros(len(WINNER_SOURCES) + 1, dtype=torch.float64)  # sources, then images scanned
         self.progress.start(f"first poses of {len(rows)} more particles, box {c}", len(batches), 0)
         try:
@@ -418,43 +469,77 @@ class AbinitEngine:
                     self.progress.update(None, None)
                     continue
                 b = self.batch(idx, c)
-                scanned = None
-                if mode == "search":
-                    ex = self.explore(b, FIRST_POSE_BATCH0 + bi, dist)
-                    R, t, src = ex.rot, ex.shift, search_sources(ex)
-                    scanned = torch.ones_like(src, dtype=torch.bool)
-                elif mode == "amortized":
-                    hr, ht = self.encoder(b.images)
-                    g = Seeds.generator(self.seeds.search(self.trial, self.epoch, FIRST_POSE_BATCH0 + bi))
-                    fp = first_poses(self.volume, b, hr, ht, g, self.search_grid(), cfg.search, self.max_shift,
-                                     scan_below, cfg.model.loss, draw_rows=None if dist is None else dist[0],
-                                     draw_batch=None if dist is None else dist[1])
-                    R, t, src, scanned = fp.rot, fp.shift, fp.source, fp.scanned
-                else:
-                    per, rot, shift = multihead_losses(self.encoder, self.volume, b, cfg.model.loss)
-                    ar = torch.arange(len(idx), device=per.device)
-                    k = per.argmin(1)
-                    R, t, src = rot[ar, k], shift[ar, k], torch.zeros_like(k)
-                self.memory.remember(b.idx, R, t)
+                found = [self._first_pose(b, bi, dist, mode, scan_below, k) for k in range(self.K)]
+                loss = torch.stack([f[4] for f in found], 1)  # (B, K)
+                best = loss.argmin(1)
+                for k, (R, t, *_) in enumerate(found):
+                    self.memories[k].remember(b.idx, R, t)
+                self.classes[b.idx] = best
+                src = torch.stack([f[2] for f in found]).gather(0, best[None])[0]
+                scanned = torch.stack([f[3] for f in found]).any(0)
                 counts[:len(WINNER_SOURCES)] += torch.bincount(src.cpu(), minlength=len(WINNER_SOURCES)).double()
-                counts[-1] += 0 if scanned is None else int(scanned.sum())
+                counts[-1] += int(scanned.sum())
                 self.progress.update(None, None)
         finally:
-            self.encoder.train(was)
             self.progress.close()
         self.sync()
         if not self.world.alone:
             counts = torch.tensor(self.world.sum_floats(counts.tolist()), dtype=torch.float64)
         n = [int(round(x)) for x in counts.tolist()]
-        return FirstPoseRecord(mode, len(rows), n[-1], dict(zip(WINNER_SOURCES, n[:-1])), scan_below=scan_below)
+        return FirstPoseRecord(mode, len(rows), n[-1], dict(zip(WINNER_SOURCES, n[:-1])),
+                               scan_below=scan_below)
+
+    def _scan_below(self, crop: int) -> float:
+        """The amortized first poses' rule: the global scan for fits below ``first_pose_scan_below`` x the median
+        fit of stage-1 subset images at their remembered poses in their classes (the same on every rank: no
+        collective)."""
+        cfg = self.cfg
+        ref = self.s1_idx[:FIRST_POSE_REFERENCE]
+        fits = []
+        for r in torch.split(ref, cfg.schedule.batch_size):
+            b = self.batch(r, crop)
+            own = self.classes[b.idx]
+            for k in range(self.K):
+                sel = (own == k).nonzero()[:, 0]
+                if len(sel):
+                    sub = b if self.K == 1 else batch_rows(b, sel)
+                    m = self.memories[k]
+                    fits.append(pose_fit(self.class_volume(k), sub, m.rotations[sub.idx], m.shifts[sub.idx],
+                                         cfg.model.loss))
+        ref_fit = float(torch.cat(fits).median())
+        # a reference <= 0 (stage 1 explains nothing) leaves no basis for trusting the heads: scan all (fit < 1)
+        below = cfg.search.first_pose_scan_below
+        return below * ref_fit if ref_fit > 0 else float(below > 0)
+
+    def _first_pose(self, b: Batch, bi: int, dist, mode: str, scan_below: float | None, k: int
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """One batch's first poses in class ``k``: (rotations, shifts, WINNER_SOURCES index, sent to the scan,
+        loss), each (B, ...)."""
+        cfg = self.cfg
+        if mode == "search":
+            ex = self.explore(b, FIRST_POSE_BATCH0 + bi, dist, None if self.K == 1 else k)
+            return ex.rot, ex.shift, search_sources(ex), torch.ones_like(ex.loss, dtype=torch.bool), ex.loss
+        hr, ht = self._heads(b.images, None if self.K == 1 else k)
+        vol = self.class_volume(k)
+        if mode == "amortized":
+            g = Seeds.generator(self.seeds.search(self.trial, self.epoch, FIRST_POSE_BATCH0 + bi) + 7_777_777 * k)
+            fp = first_poses(vol, b, hr, ht, g, self.search_grid(), cfg.search, self.max_shift, scan_below,
+                             cfg.model.loss, draw_rows=None if dist is None else dist[0],
+                             draw_batch=None if dist is None else dist[1])
+            return fp.rot, fp.shift, fp.source, fp.scanned, fp.loss
+        per = candidate_losses(vol, b, hr, ht, cfg.model.loss)
+        ar = torch.arange(per.shape[0], device=per.device)
+        j = per.argmin(1)
+        return hr[ar, j], ht[ar, j], torch.zeros_like(j), torch.zeros_like(j, dtype=torch.bool), per[ar, j]
 
     def _end_epoch(self) -> None:
         cfg, h, a = self.cfg, self.history, self.tally
         e = self.epoch
+        moved = self._move_classes() if self.K > 1 and self.stage == 2 else None
         if self.stage == 1:
             rows = self.s1_idx.to(self.device)
             change = (float(geodesic_distance_deg(self.prev_R[rows].double(),
-                                                  self.memory.rotations[rows].double()).median())
+                                                  self.remembered()[0][rows].double()).median())
                       if self.prev_R is not None else float("nan"))
             share = [w / max(1, sum(a.wins)) for w in a.wins]
             sources = dict(zip(WINNER_SOURCES, (x / max(1, sum(a.sources)) for x in a.sources)))
@@ -468,7 +553,8 @@ class AbinitEngine:
             lr_decoder=self.lr_decoder_now(),
             lr_pose=0.0 if self.stage == 1 else cfg.optim.lr_pose,
             head_wins=list(a.wins) if self.stage == 1 else None, head_win_share=share,
-            winner_source_share=sources, pose_change_deg=None if math.isnan(change) else change, switched=False)
+            winner_source_share=sources, pose_change_deg=None if math.isnan(change) else change, switched=False,
+            class_sizes=self.class_sizes() if self.K > 1 else None, class_moves=moved)
         if self.stage == 1:
             if should_switch(cfg.schedule, e + 1, change):
                 if len(self.s1_idx) < self.N:
@@ -479,11 +565,15 @@ class AbinitEngine:
                     log.info(first_pose_line(fp, len(self.s1_idx), self.crop()))
                     rec.time_s += h.assign_s
                     rec.epoch_time_s += h.assign_s
-                self.table.set(self.memory.rotations, self.memory.shifts)
+                self.table.set(*self.remembered())
                 self.stage = 2
                 h.switch_epoch = e + 1
                 rec.switched = True
-            self.prev_R = self.memory.rotations.clone()
+                if self.K > 1:  # every particle now has a class
+                    rec.class_sizes = self.class_sizes()
+            elif self.K > 1:
+                self._reseed_classes(e + 1)
+            self.prev_R = self.remembered()[0].clone()
         h.epochs.append(rec)
         log.info(epoch_line(rec, a.time_s, cfg.search.enabled))
         self.epoch += 1
@@ -491,6 +581,94 @@ class AbinitEngine:
         self.tally = EpochTally(cfg.model.heads)
         if self.stage == 2 and self.epoch >= h.switch_epoch + cfg.schedule.epochs_autodecode:
             self.done = True
+
+    # -- classes (engine/classes.py) ------------------------------------------------------------
+    def remembered(self) -> tuple[Tensor, Tensor]:
+        """Each particle's remembered pose in its own class: rotations (N, 3, 3), shifts (N, 2)."""
+        if self.K == 1:
+            return self.memory.rotations, self.memory.shifts
+        R = torch.stack([m.rotations for m in self.memories])  # (K, N, 3, 3)
+        t = torch.stack([m.shifts for m in self.memories])
+        ar = torch.arange(self.N, device=R.device)
+        return R[self.classes, ar], t[self.classes, ar]
+
+    def class_sizes(self) -> list[int]:
+        """Particles per class among the rows whose pose is an estimate (the stage-1 subset before the switch)."""
+        rows = self.estimated_rows().to(self.device)
+        return torch.bincount(self.classes[rows], minlength=self.K).tolist()
+
+    def _reseed_classes(self, epoch: int) -> None:
+        """Split the largest class into each class with less than ``class_min_share`` of its even share of the
+        stage-1 subset (``reseed_plan``, ``ClassVolumes.split``): half the volume, the same pose memory, fresh
+        Adam state. The same on every rank (the sizes are of the merged ``classes``)."""
+        sizes = self.class_sizes()
+        for dst, src in reseed_plan(sizes, self.cfg.schedule.class_min_share * len(self.s1_idx) / self.K):
+            self.volume.split(src, dst)
+            for opt in (self.models.opt_volume1, self.models.opt_volume2):
+                for p in self.volume[dst].parameters():
+                    opt.state.pop(p, None)
+            self.memories[dst].rotations.copy_(self.memories[src].rotations)
+            self.memories[dst].shifts.copy_(self.memories[src].shifts)
+            self.history.class_reseeds.append({"epoch": epoch, "class": dst, "from_class": src})
+            log.info(f"class {dst + 1} held {sizes[dst]} of {len(self.s1_idx)} particles: re-seeded by splitting "
+                     f"class {src + 1} ({sizes[src]})")
+
+    @torch.no_grad()
+    def _move_classes(self) -> int:
+        """After a stage-2 epoch: each particle moves to the class whose remembered pose (``memories``, refined
+        locally) fits its image better than its refined pose in its own class (at the epoch's Fourier box); the
+        pose it leaves
+        is remembered for its old class, and its pose-table row restarts (Adam state) from the new class's
+        pose. Returns the number of particles moved (all ranks)."""
+        c, K = self.crop(), self.K
+        todo = torch.arange(self.N) if self.world.alone else self.world.share(self.N)
+        moved = 0
+        for a, idx in enumerate(torch.split(todo, self.cfg.schedule.batch_size * 4)):
+            b = self.batch(idx, c)
+            i = b.idx
+            own = self.classes[i]
+            Rt, tt = self.table.rotations[i], self.table.shifts[i]
+            L = torch.empty(len(i), K, device=i.device)
+            for k in range(K):
+                m, vol = self.memories[k], self.volume[k]
+                mine = own == k
+                r = mine.nonzero()[:, 0]
+                if len(r):
+                    L[r, k] = candidate_losses(vol, batch_rows(b, r), Rt[r, None], tt[r, None],
+                                               self.cfg.model.loss)[:, 0]
+                # the remembered pose in another class is refined locally first (search_poses without the scan):
+                # it was found against that class's volume of an earlier epoch
+                r = (~mine).nonzero()[:, 0]
+                if len(r):
+                    g = Seeds.generator(self.seeds.search(self.trial, self.epoch, 2 * FIRST_POSE_BATCH0 + a) + k)
+                    ref = search_poses(vol, batch_rows(b, r), m.rotations[i[r]][:, None], m.shifts[i[r]][:, None], g,
+                                       None, self.cfg.search, self.max_shift, self.cfg.model.loss)
+                    m.rotations[i[r]], m.shifts[i[r]], L[r, k] = ref.rot, ref.shift, ref.loss
+            new = L.argmin(1)
+            go = (new != own) & (L.gather(1, new[:, None])[:, 0] < L.gather(1, own[:, None])[:, 0])
+            sel = go.nonzero()[:, 0]
+            if len(sel):
+                r, old, nw, Rl, tl = i[sel], own[sel], new[sel], Rt[sel], tt[sel]
+                for k in range(K):
+                    m, o, n = self.memories[k], old == k, nw == k
+                    self.table.rotations[r[n]], self.table.shifts[r[n]] = m.rotations[r[n]], m.shifts[r[n]]
+                    m.rotations[r[o]], m.shifts[r[o]] = Rl[o], tl[o]  # the pose left behind, for the old class
+                self.table.m[r], self.table.v[r], self.table.steps[r] = 0, 0, 0
+                self.classes[r] = nw
+                moved += len(sel)
+            self.touched[idx] = True
+        self.sync()
+        return moved if self.world.alone else int(round(self.world.sum_floats([float(moved)])[0]))
+
+    def final_classes(self) -> np.ndarray:
+        """(N,) int64: each particle's class, 0-based (all 0 with one class)."""
+        return self.classes.cpu().numpy().astype(np.int64)
+
+    def decoder_maps(self) -> list[Tensor]:
+        """The K learned volumes in real space, each (n, n, n) float32 on the CPU (hand not flipped)."""
+        if self.K == 1:
+            return [self.decoder_map()]
+        return [m.cpu() for m in self.volume.real_maps()]
 
     # -- results -------------------------------------------------------------------------
     def final_poses(self) -> tuple[np.ndarray, np.ndarray]:
@@ -500,12 +678,13 @@ class AbinitEngine:
         if self.stage == 2:
             R, t = self.table.rotations, self.table.shifts
         else:
-            R, t = self.memory.rotations, self.memory.shifts
+            R, t = self.remembered()
         return R.detach().double().cpu().numpy(), t.detach().double().cpu().numpy()
 
     def decoder_map(self) -> Tensor:
-        """The learned volume in real space, (n, n, n) float32 on the CPU (hand not flipped)."""
-        return self.volume.real_map().cpu()
+        """The learned volume in real space, (n, n, n) float32 on the CPU (hand not flipped); class 0's with K
+        classes."""
+        return self.class_volume(0).real_map().cpu()
 
     # -- checkpoint (engine/checkpoint.py) ----------------------------------------------------------
     def state_dict(self) -> dict:

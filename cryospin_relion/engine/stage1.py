@@ -253,8 +253,36 @@ def stage1_step(encoder, volume, opt_encoder, opt_volume, batch: Batch, loss_kin
         return Stage1Result(float(loss.detach()), win, win, rot.detach()[ar, win], shift.detach()[ar, win])
 
     grid = volume.grid()
-    gd = grid.detach()
     per_h, rot, shift = multihead_losses(encoder, volume, batch, loss_kind, grid)  # (B, M)
+    wt = winner_terms(volume, batch, per_h, rot, shift, extra_rot, extra_shift, loss_kind, distill_weight,
+                      max(float(encoder.max_shift), 1.0), grid, chunk)
+    step(wt.terms.sum())
+    return Stage1Result(float(wt.loss.mean()), wt.win, wt.overall, wt.rot, wt.shift)
+
+
+@dataclass
+class WinnerTerms:
+    """Per image of a batch: its stage-1 training loss ``terms`` (differentiable; see the module docstring:
+    the head WTA loss where a head wins, else the volume's loss at the winning extra pose + the heads' WTA
+    loss with the volume held fixed + the distillation pull), the overall winner's loss (detached), the best
+    head, the overall winner's index in heads + extra candidates, and its pose."""
+
+    terms: Tensor  # (B,)
+    loss: Tensor  # (B,)
+    win: Tensor  # (B,)
+    overall: Tensor  # (B,)
+    rot: Tensor  # (B, 3, 3)
+    shift: Tensor  # (B, 2)
+
+
+def winner_terms(volume, batch: Batch, per_h: Tensor, rot: Tensor, shift: Tensor, extra_rot: Tensor,
+                 extra_shift: Tensor, loss_kind: str, distill_weight: float, shift_scale: float, grid: Tensor,
+                 chunk: int = 8192) -> WinnerTerms:
+    """Winner takes all over the heads (losses ``per_h`` (B, M) of head poses rot (B, M, 3, 3) / shift
+    (B, M, 2), with gradient) and the extra candidates ``extra_rot`` (B, E, 3, 3) / ``extra_shift`` (B, E, 2)
+    (constants), against ``volume`` whose live grid is ``grid``; ``shift_scale``: the distillation's shift
+    unit (px)."""
+    gd = grid.detach()
     B, M = per_h.shape
     E = extra_rot.shape[1]
     with torch.no_grad():
@@ -269,7 +297,7 @@ def stage1_step(encoder, volume, opt_encoder, opt_volume, batch: Batch, loss_kin
     overall = torch.where(head_won, win_h, M + best_x)
     R_win = torch.where(head_won[:, None, None], rot.detach()[ar, win_h], extra_rot[ar, best_x])
     t_win = torch.where(head_won[:, None], shift.detach()[ar, win_h], extra_shift[ar, best_x])
-    total = loss_h[head_won].sum()
+    terms = torch.where(head_won, loss_h, torch.zeros_like(loss_h))
     nh = (~head_won).nonzero()[:, 0]
     if len(nh):
         # the volume is trained at the winning extra pose (a constant) ...
@@ -277,14 +305,12 @@ def stage1_step(encoder, volume, opt_encoder, opt_volume, batch: Batch, loss_kin
         # ... the encoder by its own WTA loss with the volume held fixed, plus the distillation pull
         per_he = candidate_losses(volume, batch, rot[nh], shift[nh], loss_kind, gd, nh)
         d_rot, j = nearest_head(rot[nh], R_win[nh])
-        ms = max(float(encoder.max_shift), 1.0)
-        d_t = ((shift[nh, j] - t_win[nh]) ** 2).sum(-1) / ms**2
+        d_t = ((shift[nh, j] - t_win[nh]) ** 2).sum(-1) / shift_scale**2
         ar2 = torch.arange(len(nh), device=nh.device)
-        total = total + per_b.sum() + per_he[ar2, per_he.detach().argmin(1)].sum() + \
-            distill_weight * (d_rot[ar2, j] + d_t).sum()
-    step(total)
-    loss = torch.minimum(loss_h.detach(), per_x[ar, best_x]).mean()
-    return Stage1Result(float(loss), win_h, overall, R_win, t_win)
+        terms = terms.index_add(0, nh, per_b + per_he[ar2, per_he.detach().argmin(1)] +
+                                distill_weight * (d_rot[ar2, j] + d_t))
+    loss = torch.minimum(loss_h.detach(), per_x[ar, best_x])
+    return WinnerTerms(terms, loss, win_h, overall, R_win, t_win)
 
 
 # -- first poses of images stage 1 did not train on (engine.run ``_assign_unvisited``) --------------------------
@@ -302,6 +328,7 @@ class FirstPoseResult:
     shift: Tensor  # (B, 2) working-box px
     source: Tensor  # (B,) HEADS (a head as it is), LOCAL (refined around a head), MEMORY, GLOBAL (the scan's basin)
     scanned: Tensor  # (B,) bool: sent to the global scan
+    loss: Tensor  # (B,) the pose's loss
 
 
 def fit_to_data(loss: Tensor, batch: Batch, loss_kind: str = "l1") -> Tensor:
@@ -321,7 +348,8 @@ def pose_fit(volume, batch: Batch, rot: Tensor, shift: Tensor, loss_kind: str = 
 def batch_rows(batch: Batch, rows: Tensor) -> Batch:
     """The images ``rows`` of a batch."""
     return Batch(batch.idx[rows], batch.images[rows], batch.target[rows],
-                 None if batch.ctf is None else batch.ctf[rows], batch.mask, batch.box, batch.crop)
+                 None if batch.ctf is None else batch.ctf[rows], batch.mask, batch.box, batch.crop,
+                 None if batch.cls is None else batch.cls[rows])
 
 
 def search_sources(res: SearchResult) -> Tensor:
@@ -347,7 +375,7 @@ def first_poses(volume, batch: Batch, head_rot: Tensor, head_shift: Tensor, gene
     B = head_rot.shape[0]
     hl = search_poses(volume, batch, head_rot, head_shift, generator, None, search, max_shift, loss_kind,
                       draw_rows=draw_rows, draw_batch=draw_batch)
-    rot, shift, source = hl.rot, hl.shift, torch.where(hl.source == 2, LOCAL, HEADS)
+    rot, shift, source, loss = hl.rot, hl.shift, torch.where(hl.source == 2, LOCAL, HEADS), hl.loss
     scanned = fit_to_data(hl.loss, batch, loss_kind) < scan_below
     if scan_below <= 0:  # 0 = never (a fit can be negative)
         scanned = torch.zeros_like(scanned)
@@ -360,6 +388,6 @@ def first_poses(volume, batch: Batch, head_rot: Tensor, head_shift: Tensor, gene
                           loss_kind, draw_rows=pos[sel], draw_batch=B if draw_batch is None else draw_batch)
         # the first seed is the head-local pose: kept (with its source) unless the scan's basin wins
         src = torch.where(fb.basin == 3, GLOBAL, torch.where(fb.source == 2, LOCAL, source[sel]))
-        rot, shift, source = rot.clone(), shift.clone(), source.clone()
-        rot[sel], shift[sel], source[sel] = fb.rot, fb.shift, src
-    return FirstPoseResult(rot, shift, source, scanned)
+        rot, shift, source, loss = rot.clone(), shift.clone(), source.clone(), loss.clone()
+        rot[sel], shift[sel], source[sel], loss[sel] = fb.rot, fb.shift, src, fb.loss
+    return FirstPoseResult(rot, shift, source, scanned, loss)

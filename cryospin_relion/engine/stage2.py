@@ -25,7 +25,10 @@ class Stage2Result:
 def pose_loss(volume_grid, volume, table, batch: Batch, delta=None, dshift=None, loss_kind="l1"):
     """Per-image losses (B,) at the table's poses (optionally perturbed)."""
     R, t = table.poses(batch.idx, delta, dshift)
-    sl = volume.slices(R, crop=batch.crop, grid=volume_grid)
+    if batch.cls is None:
+        sl = volume.slices(R, crop=batch.crop, grid=volume_grid)
+    else:  # K class volumes (model/class_volumes.py): each image's slice from its class
+        sl = volume.slices(R, crop=batch.crop, grid=volume_grid, cls=batch.cls)
     model = render(sl, batch.ctf, t, batch.box)
     return per_image_loss(model, batch.target, batch.mask, loss_kind)
 

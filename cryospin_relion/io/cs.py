@@ -8,7 +8,8 @@ Field conventions (units converted to RELION's at this edge):
   ``alignments3D/shift`` [px of ``alignments3D/psize_A``] -> RELION origin in A,
   same sign; ``alignments3D/split`` 0/1 -> rlnRandomSubset 1/2. Ab-initio outputs
   with only ``alignments_class_0/`` are read the same way. Writing is the inverse
-  (``alignments_fields``), with the dtypes of ``ALIGN_FIELDS``.
+  (``alignments_fields``), with the dtypes of ``ALIGN_FIELDS``; a K-class run's classes go to
+  ``CS_CLASS_FIELDS`` (io/particles.py: alignments3D/class 0-based, class_posterior, class_ess).
 - CTF: df1_A/df2_A -> defocus U/V [A], df_angle_rad and phase_shift_rad -> degrees,
   accel_kv, cs_mm, amp_contrast, bfactor (0 if absent), scale (1 if absent).
 
@@ -29,7 +30,7 @@ from cryospin_relion.errors import InputError
 from cryospin_relion.geometry.rotations import cryosparc_pose_to_relion, relion_to_cryosparc_pose
 from cryospin_relion.io.atomic import atomic_path
 from cryospin_relion.io.paths import first_header_box, locate_stacks
-from cryospin_relion.io.particles import SCORE_COLUMNS, CTFParams, ParticleTable
+from cryospin_relion.io.particles import CS_CLASS_FIELDS, SCORE_COLUMNS, CTFParams, ParticleTable
 
 __all__ = ["read_cs", "write_cs", "load_cs", "save_cs", "project_paths", "ALIGN_FIELDS", "alignments_fields",
            "set_alignments"]
@@ -271,7 +272,8 @@ def write_cs(table: ParticleTable, path: str | os.PathLike) -> None:
 
     For .cs input every original field passes through (rows as in the table);
     otherwise blob/* and ctf/* are built. Poses go to the ALIGN_FIELDS
-    (``alignments_fields``; split balanced random when the table has no halves).
+    (``alignments_fields``; split balanced random when the table has no halves); classes (a K-class run)
+    to CS_CLASS_FIELDS: alignments3D/class 0-based, class_posterior and class_ess 1.0.
     """
     n = len(table)
     ds = table.raw.copy() if isinstance(table.raw, Dataset) and len(table.raw) == n else _new_dataset(table)
@@ -281,4 +283,10 @@ def write_cs(table: ParticleTable, path: str | os.PathLike) -> None:
         if getattr(table, attr) is not None:
             ds.add_fields([(name, "f4")])
             ds[name] = np.asarray(getattr(table, attr), dtype=np.float32)
+    if table.classes is not None:  # hard assignment: posterior 1 for the class, one effective class
+        ds.add_fields(CS_CLASS_FIELDS)  # skips the fields an input (e.g. a heterogeneous refinement's) has
+        values = {"alignments3D/class": table.classes, "alignments3D/class_posterior": np.ones(n),
+                  "alignments3D/class_ess": np.ones(n)}
+        for f, _ in CS_CLASS_FIELDS:
+            ds[f] = np.asarray(values[f]).astype(ds[f].dtype)
     save_cs(ds, path)

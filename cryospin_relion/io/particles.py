@@ -32,6 +32,14 @@ import numpy as np
 SCORE_COLUMNS = {"confidence": ("rlnMaxValueProbDistribution", "cryospin/confidence"),
                  "fit_loss": ("rlnCryospinLoss", "alignments3D/error")}
 
+# where a table's ``classes`` go. STAR: RELION's rlnClassNumber, 1-based (classes + 1). .cs: the fields of cryoSPARC's
+# own classification outputs (heterogeneous refinement's particles; pyem's csparc2star reads alignments3D/class + 1 as
+# rlnClassNumber): alignments3D/class u4 0-based, alignments3D/class_posterior f4 (1.0: a hard assignment) and
+# alignments3D/class_ess f4 (effective number of classes of the posterior: 1.0 when hard).
+STAR_CLASS = "rlnClassNumber"
+CS_CLASS_FIELDS = [("alignments3D/class", "u4"), ("alignments3D/class_posterior", "f4"),
+                   ("alignments3D/class_ess", "f4")]
+
 
 @dataclass
 class CTFParams:
@@ -80,6 +88,9 @@ class ParticleTable:
     # per-particle scores of a run (lifecycle/scores.py), written as SCORE_COLUMNS; None = not scored
     confidence: np.ndarray | None = None  # (N,) pose confidence in [0, 1], larger = better determined
     fit_loss: np.ndarray | None = None  # (N,) the run's loss at the final pose, smaller = better fit
+    # (N,) int64 0-based class of each particle of a run with K > 1 classes, written as STAR_CLASS / CS_CLASS_FIELDS;
+    # None = not classified (an input's own class column then passes through as it was)
+    classes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(len(self.stack_indices))
@@ -103,6 +114,13 @@ class ParticleTable:
         n = len(self)
         return replace(self, confidence=np.asarray(confidence, dtype=np.float64).reshape(n),
                        fit_loss=np.asarray(fit_loss, dtype=np.float64).reshape(n))
+
+    def with_classes(self, classes: np.ndarray) -> "ParticleTable":
+        """A copy with the 0-based class (N,) of each particle (see ``classes``)."""
+        c = np.asarray(classes).reshape(len(self))
+        if len(c) and (c.min() < 0 or not np.issubdtype(c.dtype, np.integer)):
+            raise ValueError("classes: expected integers >= 0 (0-based classes)")
+        return replace(self, classes=c.astype(np.int64))
 
     def with_ctf_phase_flipped(self, flipped: bool = True) -> "ParticleTable":
         """A copy whose images are (or are not) phase-flipped (``CTFParams.phase_flipped``); as is without CTF."""
@@ -142,6 +160,7 @@ class ParticleTable:
             optics_group=take(self.optics_group),
             confidence=take(self.confidence),
             fit_loss=take(self.fit_loss),
+            classes=take(self.classes),
             raw=raw,
             extra=extra,
         )

@@ -39,7 +39,7 @@ from cryospin_relion.errors import InputError, InputErrors
 from cryospin_relion.geometry.rotations import euler_to_matrix_np, matrix_to_euler_np
 from cryospin_relion.io.atomic import atomic_path
 from cryospin_relion.io.paths import first_header_box, locate_stacks
-from cryospin_relion.io.particles import SCORE_COLUMNS, CTFParams, ParticleTable
+from cryospin_relion.io.particles import SCORE_COLUMNS, STAR_CLASS, CTFParams, ParticleTable
 
 __all__ = ["read_star", "write_star", "load_star_blocks", "particle_block_name", "write_star_blocks"]
 
@@ -475,7 +475,7 @@ def write_star(table: ParticleTable, path: str | os.PathLike) -> None:
     Every original particle column is kept (old pixel rlnOriginX/Y and pre-3.1
     optics columns such as rlnMagnification are replaced by their 3.1 forms);
     poses become rlnAngleRot/Tilt/Psi and rlnOriginX/YAngst, halves rlnRandomSubset
-    (a seeded balanced split when the table has none). rlnCtfDataAreCtfPremultiplied
+    (a seeded balanced split when the table has none), classes rlnClassNumber (1-based). rlnCtfDataAreCtfPremultiplied
     goes to data_optics (groups split where it differs), also from a 3.0 particle column.
     """
     n = len(table)
@@ -509,6 +509,8 @@ def write_star(table: ParticleTable, path: str | os.PathLike) -> None:
     for attr, (label, _) in SCORE_COLUMNS.items():  # a run's scores replace any earlier column of that name
         if getattr(table, attr) is not None:
             parts[label] = np.asarray(getattr(table, attr), dtype=np.float64)
+    if table.classes is not None:  # a K-class run: replaces any earlier class column (1-based, as RELION counts)
+        parts[STAR_CLASS] = np.asarray(table.classes, dtype=np.int64) + 1
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         _write_block(f, "optics", optics)
         _write_block(f, "particles", parts)

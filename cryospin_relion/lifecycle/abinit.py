@@ -138,7 +138,7 @@ def _check(req: AbinitRequest) -> _Plan:
         inputs["--config"] = [req.config_file]  # DIR/config.yaml with --continue is this run's own
     if req.true_poses:
         inputs["--true-poses"] = [req.true_poses]
-    outputs = {"--o": [out / name for name in output_files(box)]}
+    outputs = {"--o": [out / name for name in output_files(box, cfg.model.classes)]}
     if req.json_summary is not None:
         outputs["--json-summary"] = [req.json_summary]
     refuse_overwriting(outputs, inputs)
@@ -261,18 +261,26 @@ class _Run:
 
         # every rank scores and backprojects its share of the particles; rank 0 writes
         scores = compute_scores(engine, log)  # per-particle pose confidence and loss (lifecycle/scores.py)
+        n_classes = cfg.model.classes
+        classes = decoders = None
+        if n_classes > 1:  # each class's maps from its own particles, in class001/ ... (lifecycle/outputs.py)
+            classes = engine.final_classes()
+            decoders = [m.numpy() for m in engine.decoder_maps()]
         result = write_final_outputs(out, table, cache.images, apix_work, engine.final_poses(),
                                      engine.decoder_map().numpy(), flip_hand=cfg.run.flip_hand, seed=cfg.run.seed,
                                      use_ctf=use_ctf, write_cs=req.input.suffix.lower() == ".cs", device=device,
                                      progress=not req.quiet, log=log, mw_kda=cfg.data.mw_kda, scores=scores,
-                                     sym=cfg.run.sym, world=world, sym_mode=cfg.run.sym_mode)
+                                     sym=cfg.run.sym, world=world, sym_mode=cfg.run.sym_mode, n_classes=n_classes,
+                                     classes=classes, decoders=decoders)
         if not main:
             return 0
-        hist = self.history_json(final_resolution_A=result.resolution_A)
+        hist = self.history_json(final_resolution_A=result.resolution_A if np.isfinite(result.resolution_A) else None)
         write_json(out / "history.json", hist)
         total = time.perf_counter() - self.t_start
-        log.info(f"half-map FSC 0.143 resolution {result.resolution_A:.2f} A (Nyquist {2 * result.apix:.2f} A; halves "
-                 f"share one ab-initio run, so this is optimistic); training {t_train:.0f} s, total {total:.0f} s")
+        largest = "" if result.classes is None else ", largest class"
+        log.info(f"half-map FSC 0.143 resolution {result.resolution_A:.2f} A{largest} (Nyquist "
+                 f"{2 * result.apix:.2f} A; halves share one ab-initio run, so this is optimistic); training "
+                 f"{t_train:.0f} s, total {total:.0f} s")
         h = engine.history
         summary = {
             "input": str(req.input), "output": str(out), "n_particles": len(table), "box": result.box,
@@ -281,6 +289,10 @@ class _Run:
             **h.stage_seconds(), "final_outputs_s": total - t_train, "device": str(device),
             "outputs": sorted(p.name for p in out.iterdir() if not p.name.startswith(".")),
         }
+        if result.classes is not None:  # K > 1: resolution_A is the largest class's (null when no class has maps)
+            summary["classes"] = [c.summary() for c in result.classes]
+            if not np.isfinite(result.resolution_A):
+                summary["resolution_A"] = None
         if self.warnings:
             summary["warnings"] = list(self.warnings)
         add_orientation_summary(summary, result, log)

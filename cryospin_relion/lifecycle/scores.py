@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from cryospin_relion.engine.scores import PoseScores, ScoreSettings, confidence_from_gap, score_particles
 
@@ -76,15 +77,25 @@ def compute_scores(engine, log: logging.Logger, settings: ScoreSettings | None =
         n = engine.data.N if mine is None else len(mine)
         bar.start(f"particle scores, {n} particles", -(-n // s.chunk), 0)
         try:
-            ps = score_particles(engine.volume, engine.data, R, t, s, engine.cfg.model.loss,
-                                 engine.cfg.model.mask_radius, lambda done, total: bar.update(None, None), rows=mine)
+            tick = lambda done, total: bar.update(None, None)  # noqa: E731
+            if engine.K == 1:
+                ps = score_particles(engine.volume, engine.data, R, t, s, engine.cfg.model.loss,
+                                     engine.cfg.model.mask_radius, tick, rows=mine)
+            else:  # each particle against its own class's volume; the other rows are 0, so the parts sum
+                cls = torch.from_numpy(engine.final_classes())
+                todo = torch.arange(engine.data.N) if mine is None else torch.as_tensor(mine)
+                parts = [score_particles(engine.class_volume(k), engine.data, R, t, s, engine.cfg.model.loss,
+                                         engine.cfg.model.mask_radius, tick, rows=todo[cls[todo] == k])
+                         for k in range(engine.K)]
+                ps = PoseScores(parts[0].confidence, *(sum(getattr(p, f) for p in parts)
+                                                       for f in ("loss", "gap", "noise")))
         finally:
             bar.close()
     except Exception as e:  # noqa: BLE001 - logged; the run's other outputs go on
         log.info(f"particle scores not computed: {type(e).__name__}: {e}")
     if world.any(ps is None)[0]:  # a rank failed: no scores anywhere (and no rank left in a collective)
         return None
-    if not world.alone:  # the shares are zero elsewhere: summing gives every row from its rank
+    if not world.alone or engine.K > 1:  # the shares are zero elsewhere: summing gives every row from its rank
         for v in (ps.loss, ps.gap, ps.noise):
             world.sum_(v)
         ps = PoseScores(confidence_from_gap(ps.gap, ps.noise, s.scale), ps.loss, ps.gap, ps.noise)

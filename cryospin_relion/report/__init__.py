@@ -1,6 +1,6 @@
 """Run report: pure plotting functions over arrays, and ``make_report`` (PNGs + logfile.pdf)."""
 
-from cryospin_relion.report.pdf import PDF_NAME, PNG_NAMES, make_report
+from cryospin_relion.report.pdf import CLASS_PNG_NAMES, PDF_NAME, PNG_NAMES, make_report
 from cryospin_relion.report.plots import (
     last_head_wins,
     plot_central_slices,
@@ -18,6 +18,7 @@ __all__ = [
     "make_report",
     "PDF_NAME",
     "PNG_NAMES",
+    "CLASS_PNG_NAMES",
     "plot_title_page",
     "plot_fsc",
     "plot_history",

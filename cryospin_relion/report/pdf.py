@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from cryospin_relion.io.atomic import atomic_path
 from cryospin_relion.report import plots
 
-__all__ = ["make_report", "PDF_NAME", "PNG_NAMES"]
+__all__ = ["make_report", "PDF_NAME", "PNG_NAMES", "CLASS_PNG_NAMES"]
 
 PDF_NAME = "logfile.pdf"
 
@@ -31,6 +31,12 @@ PNG_NAMES = {
     "pose_error": "pose_error.png",
     "orientation": "orientation.png",
     "scores": "scores.png",
+}
+
+#: the class pages' PNGs (runs with K > 1 classes only; report/classes.py), in page order
+CLASS_PNG_NAMES = {
+    "class_sizes": "class_sizes.png",
+    "class_slices": "class_slices.png",
 }
 
 PNG_DPI = 110
@@ -50,6 +56,7 @@ def _pages(
     pose_error_history: Mapping[str, Any] | None,
     orientation: Mapping[str, Any] | None = None,
     scores: Mapping[str, Any] | None = None,
+    classes: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[tuple[str | None, Callable[[], Figure]]]:
     """(result key or None for PDF-only pages, figure builder) for each page to draw."""
     pages: list[tuple[str | None, Callable[[], Figure]]] = []
@@ -79,6 +86,12 @@ def _pages(
         from cryospin_relion.report.scores import plot_scores
 
         pages.append(("scores", lambda: plot_scores(scores["confidence"], scores.get("cutoff"), scores.get("loss"))))
+    from cryospin_relion.report import classes as class_pages
+
+    if class_pages.class_sizes(history) is not None or (classes and len(classes) > 1):
+        pages.append(("class_sizes", lambda: class_pages.plot_class_sizes(history, classes)))
+    if classes and any(c.get("map") is not None for c in classes):
+        pages.append(("class_slices", lambda: class_pages.plot_class_slices(classes, apix=apix)))
     return pages
 
 
@@ -98,6 +111,7 @@ def make_report(
     png: bool = True,
     orientation: Mapping[str, Any] | None = None,
     scores: Mapping[str, Any] | None = None,
+    classes: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """Write the report figures (PNG) and ``logfile.pdf`` (one page per figure) in ``out_dir``.
 
@@ -124,18 +138,22 @@ def make_report(
             ``directions``, ``resolution_A``, ``cone_half_angle_deg``) or None}.
         scores: {'confidence': (N,), 'cutoff': suggested minimum or None, 'loss': (N,) or None}: the
             per-particle score page (report/scores.py), drawn only when given.
+        classes: K > 1 classes, one {'class': 1-based, 'n_particles', 'resolution_A' (None: no maps),
+            'map': (n, n, n) or None} each: the class table and the class slices (report/classes.py). The
+            class-size page is drawn whenever ``history['class_sizes']`` has sizes (or ``classes`` is given).
 
     Returns:
         {'pdf': out_dir/logfile.pdf, and for each figure drawn its PNG under the
         keys 'fsc', 'loss', 'view_directions', 'head_wins', 'central_slices',
-        'pose_error', 'orientation' (file names in PNG_NAMES)}. Empty (nothing written) when
+        'pose_error', 'orientation' (file names in PNG_NAMES), 'class_sizes', 'class_slices'
+        (CLASS_PNG_NAMES)}. Empty (nothing written) when
         no input is given. Exceptions propagate; then no temporary file is
         left and ``logfile.pdf`` is not replaced.
     """
     out = Path(out_dir)
     pages = _pages(summary=summary, fsc=fsc, fsc_resolution_A=fsc_resolution_A, apix=apix, box=box,
                    history=history, rotations=rotations, head_wins=head_wins, volume=volume,
-                   pose_error_history=pose_error_history, orientation=orientation, scores=scores)
+                   pose_error_history=pose_error_history, orientation=orientation, scores=scores, classes=classes)
     if not pages:
         return {}
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +165,7 @@ def make_report(
                 fig = build()
                 try:
                     if png and key is not None:
-                        path = out / PNG_NAMES[key]
+                        path = out / {**PNG_NAMES, **CLASS_PNG_NAMES}[key]
                         with atomic_path(path) as tmp_png:
                             fig.savefig(tmp_png, dpi=PNG_DPI, format="png")
                         written[key] = path

@@ -482,3 +482,198 @@ def test_relion5_project_gets_relion5_labels(project):
     labels = {r[0].split("/")[-1]: (r[1], r[2]) for r in read_output_nodes(p)}
     assert labels["particles.star"] == (3, "ParticleGroupMetadata.star.relion")
     assert labels["half1_map.mrc"] == (10, "DensityMap.mrc.halfmap")
+
+
+# ------------------------------------------------------------------ K classes (issue 12)
+
+# A stand-in for ``cryospin abinit --classes K`` (no training): the files a K-class run leaves, as the
+# output layout of issue 12 says: classNNN/{map,half1_map,half2_map}.mrc (real MRC), one particles.star with
+# rlnClassNumber 1..K, logfile.pdf, summary.json. Class ``--empty`` (1-based) gets no folder (too few
+# particles); ``--stale-top`` also leaves an older top-level map.mrc of an earlier one-class run;
+# ``--no-summary`` writes no summary.json.
+CLASSES_CHILD = textwrap.dedent("""
+    import json, os, sys, time, pathlib
+    import numpy as np
+    from cryospin_relion.io.mrc import write_mrc
+    a = sys.argv[1:]
+    out = pathlib.Path(a[a.index("--o") + 1])
+    k = int(a[a.index("--classes") + 1]) if "--classes" in a else 1
+    empty = int(a[a.index("--empty") + 1]) if "--empty" in a else 0
+    out.mkdir(parents=True, exist_ok=True)
+    if "--stale-top" in a:
+        write_mrc(out / "map.mrc", np.zeros((8, 8, 8), np.float32), 3.0)
+        os.utime(out / "map.mrc", (time.time() - 100, time.time() - 100))
+    n = 12
+    others = [c for c in range(1, k + 1) if c != empty]
+    cls = [empty if (empty and i == 0) else others[i % len(others)] for i in range(n)]
+    if k == 1:
+        for f in ("map.mrc", "half1_map.mrc", "half2_map.mrc"):
+            write_mrc(out / f, np.ones((8, 8, 8), np.float32), 3.0)
+    for c in range(1, k + 1):
+        if k > 1 and c != empty:
+            d = out / f"class{c:03d}"
+            d.mkdir(exist_ok=True)
+            for f in ("map.mrc", "half1_map.mrc", "half2_map.mrc"):
+                write_mrc(d / f, np.full((8, 8, 8), c, np.float32), 3.0)
+    rows = [f"{i + 1:06d}@Data/stack.mrcs 0 0 0 1 {cls[i]}" for i in range(n)]
+    (out / "particles.star").write_text("\\n".join([
+        "# version 30001", "", "data_optics", "", "loop_", "_rlnOpticsGroupName #1", "_rlnOpticsGroup #2",
+        "_rlnImagePixelSize #3", "_rlnImageSize #4", "opticsGroup1 1 3.0 8", "", "# version 30001", "",
+        "data_particles", "", "loop_", "_rlnImageName #1", "_rlnAngleRot #2", "_rlnAngleTilt #3", "_rlnAnglePsi #4",
+        "_rlnOpticsGroup #5", "_rlnClassNumber #6", *rows, ""]))
+    (out / "logfile.pdf").write_bytes(b"%PDF-1.4\\n%%EOF\\n")
+    summ = {"classes": [{"class": c, "n_particles": cls.count(c), "resolution_A": None if c == empty else 9.0,
+                         "map": None if c == empty else f"class{c:03d}/map.mrc"} for c in range(1, k + 1)]}
+    if "--no-summary" not in a:
+        pathlib.Path(a[a.index("--json-summary") + 1]).write_text(json.dumps(summ))
+""")
+
+KNOWN_K = dict(KNOWN, classes=True, empty=True, **{"stale-top": False, "no-summary": False, "json-summary": True})
+
+
+def _class_nodes(job: str, k: int, skip: tuple[int, ...] = ()) -> dict[str, int]:
+    """The nodes a K-class job registers: particles (3), each class's map (6) and half map 1 (10), log (13)."""
+    nodes = {f"{job}particles.star": 3, f"{job}logfile.pdf": 13}
+    for c in range(1, k + 1):
+        if c not in skip:
+            nodes.update({f"{job}class{c:03d}/map.mrc": 6, f"{job}class{c:03d}/half1_map.mrc": 10})
+    return nodes
+
+
+def test_classes_parameter_is_passed_and_checked(project):
+    (project / "child.py").write_text(CLASSES_CHILD)
+    base = [sys.executable, "child.py"]
+    argv = ["--o", "External/job002/", "--in_parts", "parts.star", "--classes", "3", "--heads", "2"]
+    _, cmd = ej.build_command(argv, KNOWN_K, base)
+    assert cmd[cmd.index("--classes") + 1] == "3" and cmd.count("--classes") == 1
+    _, cmd = ej.build_command(argv[:4], KNOWN_K, base)
+    assert "--classes" not in cmd  # not given: abinit's default (or the YAML config's) holds
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(ej.JobFailed, match="'classes' must be a whole number >= 1") as e:
+            ej.build_command(argv[:4] + ["--classes", bad], KNOWN_K, base)
+        assert e.value.code == 2
+    # an abinit without --classes: K = 1 runs as before, K > 1 is refused
+    _, cmd = ej.build_command(argv[:4] + ["--classes", "1"], KNOWN, base)
+    assert "--classes" not in cmd
+    with pytest.raises(ej.JobFailed, match="has no --classes option"):
+        ej.build_command(argv[:4] + ["--classes", "2"], KNOWN, base)
+
+
+def test_k_classes_register_every_class_map_and_one_particles_node(project, capsys):
+    (project / "child.py").write_text(CLASSES_CHILD)
+    job = project / "External/job002"
+    run = lambda *extra: ej.run_job(["--o", "External/job002/", "--in_parts", "parts.star", *extra, "--j", "1"],
+                                    base_command=[sys.executable, "child.py"], known_options=KNOWN_K, poll=0.05)
+    assert run("--classes", "3", "--empty", "2") == 0
+    rows = read_output_nodes(job / "RELION_OUTPUT_NODES.star")
+    assert {r[0]: r[1] for r in rows} == _class_nodes("External/job002/", 3, skip=(2,))
+    assert [r[0] for r in rows][0] == "External/job002/particles.star"  # one particles node, first
+    assert {r[2] for r in rows if r[1] == 6} == {"DensityMap.mrc"}
+    out = capsys.readouterr().out
+    assert "class002 (1 particles) has no maps" in out
+    assert (job / EXIT_SUCCESS).exists()
+    # K = 1 in the same folder later, its summary written elsewhere: the top-level map, newer than the
+    # K = 3 run's summary.json and class maps, wins; no class node
+    assert run("--classes", "1", "--no-summary") == 0
+    assert {r[0] for r in read_output_nodes(job / "RELION_OUTPUT_NODES.star")} == {
+        f"External/job002/{f}" for f in ("particles.star", "map.mrc", "half1_map.mrc", "logfile.pdf")}
+    # and the reverse: class maps newer than a stale top-level map.mrc; summary.json names the classes
+    # (class003/ of the first run stays in the folder and is not registered)
+    assert run("--classes", "2", "--stale-top") == 0
+    assert {r[0]: r[1] for r in read_output_nodes(job / "RELION_OUTPUT_NODES.star")} == _class_nodes(
+        "External/job002/", 2)
+    # without summary.json: the class folders with a map.mrc, newer than the top-level map
+    shutil.rmtree(job / "class003")
+    (job / "summary.json").unlink()
+    assert run("--classes", "2", "--stale-top", "--no-summary") == 0
+    assert {r[0]: r[1] for r in read_output_nodes(job / "RELION_OUTPUT_NODES.star")} == _class_nodes(
+        "External/job002/", 2)
+    # a class the summary gives a map that is not there fails the job
+    (project / "child.py").write_text(CLASSES_CHILD + "\nimport shutil; shutil.rmtree(out / 'class002')\n")
+    assert run("--classes", "2") == 1
+    assert (job / EXIT_FAILURE).exists() and "did not write class002/map.mrc" in capsys.readouterr().err
+
+
+def _external_script(project: Path, child: str, known: dict[str, bool]) -> Path:
+    """An External-job executable running the real wrapper (run_job) with a stand-in abinit."""
+    (project / "classes_child.py").write_text(child)
+    exe = project / "cryospin_classes_job.py"
+    exe.write_text(f"#!{sys.executable}\nimport sys\nfrom relion_wrappers import external_job as ej\n"
+                   f"sys.exit(ej.run_job(sys.argv[1:], base_command=[{sys.executable!r}, 'classes_child.py'], "
+                   f"known_options={known!r}, poll=0.1))\n")
+    exe.chmod(0o755)
+    return exe
+
+
+@pytest.fixture(scope="module")
+def bare_relion_project(tmp_path_factory):
+    """A RELION 3.1 project with a (text-only) particle STAR imported as Import/job001/particles.star."""
+    if not HAVE_RELION:
+        pytest.skip("needs RELION")
+    root = tmp_path_factory.mktemp("relion_k") / "project"
+    root.mkdir()
+    (root / "default_pipeline.star").write_text(
+        "# version 30001\n\ndata_pipeline_general\n\n_rlnPipeLineJobCounter                       1\n\n")
+    (root / "Data").mkdir()
+    (root / "Data/particles.star").write_text(
+        "# version 30001\n\ndata_optics\n\nloop_\n_rlnOpticsGroupName #1\n_rlnOpticsGroup #2\n"
+        "_rlnImagePixelSize #3\n_rlnImageSize #4\n_rlnImageDimensionality #5\n_rlnVoltage #6\n"
+        "_rlnSphericalAberration #7\n_rlnAmplitudeContrast #8\nopticsGroup1 1 3.0 8 2 300 2.7 0.1\n\n"
+        "# version 30001\n\ndata_particles\n\nloop_\n_rlnImageName #1\n_rlnOpticsGroup #2\n"
+        "000001@Data/stack.mrcs 1\n")
+    r = pipeliner(root, "--addJob", "Import", "--addJobOptions",
+                  "fn_in_other == Data/particles.star;node_type == Particles STAR file (.star);do_other == Yes;"
+                  "do_raw == No")
+    assert r.returncode == 0, r.stdout + r.stderr
+    run_jobs(root, "Import/job001/")
+    assert read_pipeline(root) == ({"Import/job001/": 2}, {"Import/job001/particles.star": 3})
+    return root
+
+
+@pytest.mark.relion
+@pytest.mark.skipif(not HAVE_RELION, reason="RELION binaries (relion_pipeliner) not on PATH")
+def test_relion_accepts_the_nodes_of_a_k_class_job(bare_relion_project):
+    """RELION 3.1.3's relion_pipeliner runs an External job through the real wrapper (stand-in abinit writing
+    the K = 3 layout, class 2 without maps): Succeeded, and every class map and half map registered in
+    default_pipeline.star and under .Nodes/, with the one particles node and the log."""
+    project = bare_relion_project
+    exe = _external_script(project, CLASSES_CHILD, KNOWN_K)
+    before = set(read_pipeline(project)[0])
+    opts = [f"fn_exe == {exe}", "in_part == Import/job001/particles.star", "nr_threads == 1",
+            "param1_label == classes", "param1_value == 3", "param2_label == empty", "param2_value == 2"]
+    r = pipeliner(project, "--addJob", "External", "--addJobOptions", ";".join(opts))
+    assert r.returncode == 0, r.stdout + r.stderr
+    (job,) = set(read_pipeline(project)[0]) - before
+    run_jobs(project, job)
+    procs, nodes = read_pipeline(project)
+    d = project / job
+    assert procs[job] == 2, f"{STATUS_31.get(procs[job])}; run.err:\n{(d / 'run.err').read_text()}"
+    want = _class_nodes(job, 3, skip=(2,))
+    assert {k: v for k, v in nodes.items() if k.startswith(job)} == want
+    for name, kind in want.items():
+        assert (project / ".Nodes" / str(kind) / name).exists(), name
+    assert "--classes 3" in (d / "run.out").read_text()
+
+
+@relion_test
+def test_relion_external_job_with_two_classes(relion_project):
+    """The real ``cryospin abinit --classes 2`` through RELION: every class map that was written is registered
+    (map 6, half map 10), one particles node whose rlnClassNumber are 1..2, no top-level map."""
+    if "classes" not in ej.abinit_options():
+        pytest.skip("cryospin abinit has no --classes yet")
+    project = relion_project
+    job = add_external(project, dict(TINY, box="16", classes="2"))
+    run_jobs(project, job)
+    procs, nodes = read_pipeline(project)
+    d = project / job
+    assert procs[job] == 2, f"{STATUS_31.get(procs[job])}; run.err:\n{(d / 'run.err').read_text()}"
+    assert "--classes 2" in (d / "run.out").read_text()
+    maps = [c for c in (1, 2) if (d / f"class{c:03d}" / "map.mrc").is_file()]
+    assert maps and not (d / "map.mrc").exists()
+    want = _class_nodes(job, 2, skip=tuple(c for c in (1, 2) if c not in maps))
+    assert {k: v for k, v in nodes.items() if k.startswith(job)} == want
+    classes = starfile.read(d / "particles.star")["particles"]["rlnClassNumber"].to_numpy()
+    assert len(classes) == N_PARTICLES and set(classes.tolist()) <= {1, 2}
+    for c in maps:
+        with mrcfile.open(d / f"class{c:03d}" / "map.mrc", header_only=True) as m:
+            assert int(m.header.nx) == BOX and abs(float(m.voxel_size.x) - APIX) < 1e-3

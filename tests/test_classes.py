@@ -1,0 +1,143 @@
+"""K classes in the engine (engine/classes.py, model/class_volumes.py): assignment, annealing, re-seeding,
+stage-2 moves, the checkpoint."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from cryospin_relion.config import AbinitConfig, ScheduleConfig
+from cryospin_relion.engine.classes import class_weights, reseed_plan, similarity_at
+from cryospin_relion.engine.run import AbinitEngine
+from cryospin_relion.evaluate.blobs import simulate_blobs
+from cryospin_relion.geometry.ctf import CTF
+from cryospin_relion.geometry.fourier import ht3_centered
+from cryospin_relion.geometry.rotations import geodesic_distance_deg, random_rotations
+from cryospin_relion.model.class_volumes import ClassVolumes
+from cryospin_relion.model.volume import HartleyVolume
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    """60 particles of one blob map and 40 of another (box 16), with their CTFs and true poses."""
+    a = simulate_blobs(16, 60, apix=6.0, snr=2.0, max_shift_px=1.0, seed=3)
+    b = simulate_blobs(16, 40, apix=6.0, snr=2.0, max_shift_px=1.0, seed=11)
+    ctf = CTF.from_arrays({k: torch.cat([getattr(a["ctf"], k), getattr(b["ctf"], k)]) for k, _ in a["ctf"].items()})
+    return {"images": torch.cat([a["images"], b["images"]]), "ctf": ctf, "R": torch.cat([a["R"], b["R"]]),
+            "t": torch.cat([a["t"], b["t"]]), "truth": np.r_[np.zeros(60, int), np.ones(40, int)],
+            "vols": [a["vol"] / a["sigma"], b["vol"] / b["sigma"]]}
+
+
+def _cfg(**kw):
+    base = dict(heads=2, classes=2, epochs_amortized=2, min_epochs_amortized=2, epochs_autodecode=2, batch_size=32,
+                pose_iters=2, seed=5, stage1_trials=1, explore_candidates=256, class_anneal_epochs=1)
+    base.update(kw)
+    return AbinitConfig.from_dict(base)
+
+
+def test_similarity_anneals_to_hard():
+    cfg = ScheduleConfig(class_similarity=0.6, class_anneal_epochs=3)
+    assert [round(similarity_at(cfg, e), 6) for e in range(5)] == [0.6, 0.4, 0.2, 0.0, 0.0]
+    assert similarity_at(ScheduleConfig(class_anneal_epochs=0), 0) == 0.0
+    losses = torch.tensor([[0.3, 0.1, 0.2], [0.5, 0.6, 0.7]])
+    w = class_weights(losses, 0.6)
+    assert torch.allclose(w.sum(1), torch.ones(2))
+    assert torch.allclose(w[0], torch.tensor([0.2, 0.6, 0.2]))  # 0.6 / 3 to each, 0.4 more to the best
+    assert torch.equal(class_weights(losses, 0.0), torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+    assert torch.allclose(class_weights(losses, 1.0), torch.full((2, 3), 1 / 3))
+
+
+def test_reseed_plan_splits_the_largest_class():
+    assert reseed_plan([0, 100, 40], 20) == [(0, 1)]
+    assert reseed_plan([3, 2, 95], 20) == [(1, 2), (0, 2)]  # smallest first; the largest is split again
+    assert reseed_plan([30, 40, 30], 20) == []
+    assert reseed_plan([5, 30, 0], 20) == []  # nothing large enough to split (< 2 x the minimum)
+
+
+def test_class_volumes_slice_each_image_from_its_class():
+    torch.manual_seed(0)
+    vols = [HartleyVolume(12) for _ in range(3)]
+    for v in vols:
+        with torch.no_grad():
+            v.values.normal_()
+    cv = ClassVolumes(vols)
+    R = random_rotations(7, torch.Generator().manual_seed(1), dtype=torch.float32)
+    cls = torch.tensor([2, 0, 0, 1, 2, 0, 1])
+    sl = cv.slices(R, crop=8, cls=cls)
+    for i in range(7):
+        assert torch.allclose(sl[i], vols[int(cls[i])].slices(R[i:i + 1], crop=8)[0], atol=1e-6)
+    sl.square().sum().backward()  # class 1's two images only reach class 1's volume
+    assert all(v.values.grad is not None and v.values.grad.abs().sum() > 0 for v in vols)
+    for v in vols:
+        v.values.grad = None
+    cv.slices(R[:3], crop=8, cls=torch.tensor([2, 0, 0])).sum().backward()
+    assert vols[1].values.grad is None or not vols[1].values.grad.any()
+    cv.split(0, 1)
+    assert torch.allclose(vols[1].grid(), 0.5 * vols[0].grid())
+
+
+def test_stage2_moves_particles_to_the_class_that_fits(mixture):
+    """The true maps as the two classes, the true poses in the pose table and memories, every particle in the
+    wrong class: one move pass puts (nearly) every particle in its own class."""
+    d = mixture
+    eng = AbinitEngine(d["images"], torch.tensor(6.0), d["ctf"], _cfg(), "cpu")
+    for k, v in enumerate(d["vols"]):
+        with torch.no_grad():
+            eng.volume[k].values.copy_(ht3_centered(v.double()).float() / 16)
+    R, t = d["R"].float(), d["t"].float()
+    eng.table.set(R, t)
+    for m in eng.memories:
+        m.rotations.copy_(R)
+        m.shifts.copy_(t)
+    eng.classes = torch.from_numpy(1 - d["truth"])
+    eng.stage, eng.epoch, eng.history.switch_epoch = 2, 4, 2  # full box
+    moved = eng._move_classes()
+    assert moved >= 95
+    assert np.mean(eng.final_classes() == d["truth"]) >= 0.9
+    i = int(np.flatnonzero(eng.final_classes() == d["truth"])[0])
+    # its new class's remembered pose, refined locally
+    assert float(geodesic_distance_deg(eng.table.rotations[i].double(), R[i].double())) < 5
+    assert int(eng.table.steps[i]) == 0
+
+
+def test_k2_run_resumes_identically_and_records_classes(mixture):
+    d = mixture
+    ref = AbinitEngine(d["images"], torch.tensor(6.0), d["ctf"], _cfg(), "cpu")
+    assert ref.run() == "done"
+    assert ref.encoder.heads == 4 and len(ref.decoder_maps()) == 2
+    h = ref.history.to_json()
+    assert all(len(s) == 2 and sum(s) == 100 for s in h["class_sizes"])
+    assert h["class_moves"][-1] is not None and h["class_moves"][0] is None
+    c = ref.final_classes()
+    assert c.shape == (100,) and set(np.unique(c)) <= {0, 1}
+
+    eng = AbinitEngine(d["images"], torch.tensor(6.0), d["ctf"], _cfg(), "cpu")
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] >= 5  # in stage 2
+
+    assert eng.run(should_stop=stop) == "stopped"
+    buf = io.BytesIO()
+    torch.save(eng.state_dict(), buf)
+    buf.seek(0)
+    eng2 = AbinitEngine(d["images"], torch.tensor(6.0), d["ctf"], _cfg(), "cpu")
+    eng2.load_state_dict(torch.load(buf, weights_only=True))
+    assert eng2.run() == "done"
+    assert np.array_equal(eng2.final_classes(), c)
+    assert np.array_equal(eng2.final_poses()[0], ref.final_poses()[0])
+    assert all(torch.equal(a, b) for a, b in zip(eng2.decoder_maps(), ref.decoder_maps()))
+
+
+def test_one_class_records_no_classes(mixture):
+    d = mixture
+    eng = AbinitEngine(d["images"], torch.tensor(6.0), d["ctf"], _cfg(classes=1), "cpu")
+    eng.run()
+    h = eng.history.to_json()
+    assert all(s is None for s in h["class_sizes"]) and "class_reseeds" not in h
+    assert "classes" not in eng.state_dict()
+    assert np.array_equal(eng.final_classes(), np.zeros(100, int))
