@@ -166,8 +166,8 @@ def build_command(argv: Sequence[str], known: dict[str, bool], base: Sequence[st
     if clash:
         raise JobFailed("\n".join(clash), code=2)
     params = dict(args.params)
-    gpus = _gpus(params.pop("gpus", "1"))
-    classes = _classes(params.pop("classes")) if "classes" in params else None  # None: abinit's default / YAML
+    gpus = _count("gpus", params.pop("gpus", "1"))
+    classes = _count("classes", params.pop("classes")) if "classes" in params else None  # None: abinit's default / YAML
     if gpus > 1:  # the engine as gpus data-parallel ranks under torchrun (engine/distributed.py)
         base = [base[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus), *base[1:]]
     resume = params.get("continue")
@@ -186,26 +186,15 @@ def build_command(argv: Sequence[str], known: dict[str, bool], base: Sequence[st
     return outdir, cmd
 
 
-def _gpus(value: str) -> int:
-    """The job parameter ``gpus``: how many GPUs (data-parallel ranks) the run uses, 1 = one process."""
+def _count(name: str, value: str) -> int:
+    """A whole-number job parameter >= 1 (``gpus``: data-parallel ranks; ``classes``: class maps); empty = 1."""
     try:
         n = int(value.strip() or "1")
     except ValueError:
         n = 0
     if n < 1:
-        raise JobFailed(f"parameter 'gpus' must be a whole number >= 1, not '{value}'", code=2)
+        raise JobFailed(f"parameter '{name}' must be a whole number >= 1, not '{value}'", code=2)
     return n
-
-
-def _classes(value: str) -> int:
-    """The job parameter ``classes``: how many classes (maps) abinit makes, 1 = one map as before."""
-    try:
-        k = int(value.strip() or "1")
-    except ValueError:
-        k = 0
-    if k < 1:
-        raise JobFailed(f"parameter 'classes' must be a whole number >= 1, not '{value}'", code=2)
-    return k
 
 
 def _summary_classes(outdir: str) -> list[dict] | None:

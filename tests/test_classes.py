@@ -141,3 +141,45 @@ def test_one_class_records_no_classes(mixture):
     assert all(s is None for s in h["class_sizes"]) and "class_reseeds" not in h
     assert "classes" not in eng.state_dict()
     assert np.array_equal(eng.final_classes(), np.zeros(100, int))
+
+
+def test_abinit_classes_end_to_end_and_report_from_folder(tmp_path):
+    """`cryospin abinit --classes 2` on a small simulated set: class folders, rlnClassNumber, history class
+    sizes; `cryospin report DIR` rebuilds the class pages from the folder alone."""
+    import json
+
+    from cryospin_relion import cli
+    from engine_synth import simulated_star
+
+    from cryospin_relion.io.star import load_star_blocks, particle_block_name
+    from cryospin_relion.lifecycle.live_report import report_from_folder
+
+    star = simulated_star(tmp_path, 160, map_seed=1, sim_seed=2)
+    out = tmp_path / "run"
+    rc = cli.run(["abinit", "--i", str(star), "--o", str(out), "--classes", "2", "--epochs-amortized", "2",
+                  "--min-epochs-amortized", "2", "--epochs-autodecode", "1", "--stage1-trials", "1",
+                  "--explore-candidates", "256", "--batch-size", "32", "--quiet", "--json-summary",
+                  str(tmp_path / "s.json")])
+    assert rc == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert [c["class"] for c in summary["classes"]] == [1, 2]
+    assert sum(c["n_particles"] for c in summary["classes"]) == 160
+    assert not (out / "map.mrc").exists()
+    for c in summary["classes"]:
+        if c["map"] is not None:
+            assert (out / c["map"]).is_file() and (out / c["map"]).parent.joinpath("fsc.txt").is_file()
+    blocks = load_star_blocks(out / "particles.star")
+    cls = np.asarray(blocks[particle_block_name(blocks, out / "particles.star")]["rlnClassNumber"], dtype=int)
+    assert set(np.unique(cls)) <= {1, 2} and len(cls) == 160
+    hist = json.loads((out / "history.json").read_text())
+    assert hist["class_sizes"][-1] == np.bincount(cls - 1, minlength=2).tolist()
+    (out / "logfile.pdf").unlink()
+    pages = report_from_folder(out)
+    assert (out / "logfile.pdf").is_file() and "class_sizes" in " ".join(map(str, pages))
+
+
+def test_classes_are_the_stage1_starts():
+    """Three stage-1 starts by default with one class; one with K classes (each class is a start), unless set."""
+    assert AbinitConfig().stage1_starts() == 3
+    assert AbinitConfig.from_dict({"classes": 3}).stage1_starts() == 1
+    assert AbinitConfig.from_dict({"classes": 3, "stage1_trials": 2}).stage1_starts() == 2

@@ -161,3 +161,19 @@ def test_job_wrappers_start_the_ranks_under_torchrun(star, tmp_path):
         build_command(["--o", f"{job}/", "--in_parts", str(star), "--gpus", "0"], {"continue": False}, base)
     assert command_argv("abinit", 4)[:6] == [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                              "--nproc_per_node", "4"]
+
+
+def test_two_ranks_with_two_classes(star, tmp_path):
+    """--classes 2 on 2 gloo ranks: every collective of the class paths (class search and weights, re-seeding,
+    the first-pose pass over the classes, stage-2 moves, per-class scores and maps) completes on both ranks,
+    and the outputs are a K = 2 run's."""
+    out = tmp_path / "k2"
+    done, _ = _run_timed(_cmd(star, out, 2, "--classes", "2", "--explore-candidates", "512",
+                              "--json-summary", str(tmp_path / "s.json")))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert sum(c["n_particles"] for c in summary["classes"]) == 320
+    p = starfile.read(out / "particles.star")["particles"]
+    assert len(p) == 320 and set(p["rlnClassNumber"]) <= {1, 2}
+    assert any((out / f"class00{k}" / "map.mrc").is_file() for k in (1, 2))
+    assert p["rlnMaxValueProbDistribution"].notna().all()

@@ -174,8 +174,17 @@ def report_from_folder(folder: str | os.PathLike) -> dict[str, Path]:
             scores = {"confidence": table.confidence, "cutoff": suggest_cutoff(table.confidence),
                       "loss": table.fit_loss}
 
+    classes = _classes_from_folder(out, history)
+    if classes:  # K > 1: every class's FSC curve, the largest class's map (as the run's report)
+        curves = {f"class {c['class']}": c.pop("fsc") for c in classes if c.get("fsc") is not None}
+        with_maps = [c for c in classes if c["map"] is not None]
+        if curves:
+            fsc, box, apix = curves, with_maps[0]["box"], with_maps[0]["apix"]
+        if with_maps:
+            largest = max(with_maps, key=lambda c: c["n_particles"])
+            volume, vol_name = largest["map"], f"class{largest['class']:03d}/map.mrc"
     loss, times = history.get("loss") or [], history.get("time_s") or []
-    finished = (out / "map.mrc").is_file() and history.get("final_resolution_A") is not None
+    finished = (((out / "map.mrc").is_file() or bool(classes)) and history.get("final_resolution_A") is not None)
     summary = {
         "status": "finished" if finished else "not finished (running or stopped)",
         "output": str(out),
@@ -190,4 +199,32 @@ def report_from_folder(folder: str | os.PathLike) -> dict[str, Path]:
         raise InputError(f"{hpath}: no epoch recorded yet: nothing to report")
     return make_report(out, fsc=fsc, fsc_resolution_A=history.get("final_resolution_A") if fsc is not None else None,
                        apix=apix, box=box, history=history, rotations=rotations, volume=volume, summary=summary,
-                       pose_error_history=history.get("pose_error"), scores=scores)
+                       pose_error_history=history.get("pose_error"), scores=scores,
+                       classes=[{k: c[k] for k in ("class", "n_particles", "resolution_A", "map")} for c in classes]
+                       or None)
+
+
+def _classes_from_folder(out: Path, history: dict) -> list[dict]:
+    """A K > 1 run's classes from its folder: the final sizes (history.json ``class_sizes``, last epoch) and,
+    per class with maps, classNNN/fsc.txt (curve, resolution at 0.143) and classNNN/map.mrc at the working box.
+    [] for a one-class run."""
+    from cryospin_relion.geometry.filters import resample_box
+    from cryospin_relion.geometry.fsc import resolution_at
+    from cryospin_relion.io.fsc_table import read_fsc
+    from cryospin_relion.io.mrc import read_mrc
+
+    sizes = next((s for s in reversed(history.get("class_sizes") or []) if s), None)
+    if not sizes:
+        return []
+    classes = []
+    for k, n in enumerate(sizes, 1):
+        d = out / f"class{k:03d}"
+        c = {"class": k, "n_particles": int(n), "resolution_A": None, "map": None, "fsc": None}
+        if (d / "fsc.txt").is_file() and (d / "map.mrc").is_file():
+            curve, box, apix = _read(d / "fsc.txt", "the FSC table", read_fsc)
+            vol, _ = _read(d / "map.mrc", "the map", read_mrc)
+            res = float(resolution_at(np.asarray(curve), box, apix, 0.143))
+            c.update(resolution_A=res, fsc=curve, box=box, apix=apix,
+                     map=resample_box(vol, box) if vol.shape[-1] != box else vol)
+        classes.append(c)
+    return classes
