@@ -123,11 +123,10 @@ class ScheduleConfig:
         3.0, "auto-switch once the median change of the winning pose between epochs is below this (default "
         "{default})", flag="switch-threshold", metavar="DEG", group=GROUP_SCHEDULE)
     epochs_autodecode: int = opt(6, "stage-2 epochs (default {default})", flag=True, resumable=True)
-    # with K classes each class is a start of its own (its random memory and heads), and a class in a wrong basin
-    # loses its particles and is re-seeded: one start (engine/classes.py), and stage 1 costs K x, not 3 K x
-    stage1_trials: int | None = opt(None, "independent starts of stage 1; the lowest-loss one continues (default 3; "
-                                    "1 with --classes K > 1, whose classes are starts)", flag=True, metavar="K",
-                                    group=GROUP_SCHEDULE)
+    # also with K classes (each start then has K classes): one start was measured cheaper but worse (bench/classes.py
+    # mixture, K=2: 96.9% right and a 27.3 A class map, against 99.9% and 10.3 A with 3 starts)
+    stage1_trials: int = opt(3, "independent starts of stage 1; the lowest-loss one continues (default {default})",
+                             flag=True, metavar="K", group=GROUP_SCHEDULE)
     stage1_trial_epochs: int = opt(3, "epochs of each start before choosing (default {default})", flag=True,
                                    metavar="E", group=GROUP_SCHEDULE)
     # the others get their first pose at the switch from the encoder's heads + the pose search
@@ -317,11 +316,6 @@ class AbinitConfig:
         new = dataclasses.replace(self, **{s: dataclasses.replace(getattr(self, s), **f) for s, f in per.items()})
         return new.validate(source, {k: _where(source, _OPTIONS[k]) for f in per.values() for k in f})
 
-    def stage1_starts(self) -> int:
-        """The stage-1 starts: ``stage1_trials``, by default 3 with one class and 1 with K classes."""
-        t = self.schedule.stage1_trials
-        return t if t is not None else (3 if self.model.classes == 1 else 1)
-
     def with_box(self, box: int) -> "AbinitConfig":
         """The same config with the effective working box recorded (what config.yaml keeps)."""
         return self.override(source="working box", box=box)
@@ -342,7 +336,7 @@ class AbinitConfig:
             bad("max_box", "must be an even number >= 8")
         for name in ("heads", "classes", "batch_size", "pose_iters", "stage1_trials", "stage1_trial_epochs",
                      "epochs_amortized"):
-            if d[name] is not None and d[name] < 1:
+            if d[name] < 1:
                 bad(name, "must be >= 1" + (" (stage 1 initialises the poses)" if name == "epochs_amortized" else ""))
         for name in ("explore_grid_crop", "stage1_max_crop"):
             if d[name] and (d[name] < 8 or d[name] % 2):

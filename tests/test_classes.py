@@ -177,9 +177,3 @@ def test_abinit_classes_end_to_end_and_report_from_folder(tmp_path):
     pages = report_from_folder(out)
     assert (out / "logfile.pdf").is_file() and "class_sizes" in " ".join(map(str, pages))
 
-
-def test_classes_are_the_stage1_starts():
-    """Three stage-1 starts by default with one class; one with K classes (each class is a start), unless set."""
-    assert AbinitConfig().stage1_starts() == 3
-    assert AbinitConfig.from_dict({"classes": 3}).stage1_starts() == 1
-    assert AbinitConfig.from_dict({"classes": 3, "stage1_trials": 2}).stage1_starts() == 2

@@ -228,7 +228,7 @@ class AbinitEngine:
         return "done"
 
     def _trials_pending(self) -> bool:
-        return (self.cfg.stage1_starts() > 1 and trial_epochs(self.cfg.schedule) >= 1 and self.epoch == 0
+        return (self.cfg.schedule.stage1_trials > 1 and trial_epochs(self.cfg.schedule) >= 1 and self.epoch == 0
                 and self.batch_pos == 0 and self.history.trials is None)
 
     def _run_trials(self, should_stop, on_trial_epoch_end=None) -> bool:
@@ -239,7 +239,7 @@ class AbinitEngine:
         particles, SNR 0.3): with one start 2 of 6 seeds ended at 22 and 58 deg median error, their epoch-3
         loss 0.848-0.851 against 0.821-0.836; with 3 starts all 6 seeds end at 6.9-7.2 deg.
         A stop during the starts resets the engine to the beginning."""
-        K, E = self.cfg.stage1_starts(), trial_epochs(self.cfg.schedule)
+        K, E = self.cfg.schedule.stage1_trials, trial_epochs(self.cfg.schedule)
         best, losses, t0, kept_s = None, [], time.perf_counter(), 0.0
         self._in_trials = True
         try:
@@ -535,7 +535,9 @@ class AbinitEngine:
     def _end_epoch(self) -> None:
         cfg, h, a = self.cfg, self.history, self.tally
         e = self.epoch
+        t_move = time.perf_counter()
         moved = self._move_classes() if self.K > 1 and self.stage == 2 else None
+        a.time_s += time.perf_counter() - t_move if moved is not None else 0.0  # part of the epoch's time
         if self.stage == 1:
             rows = self.s1_idx.to(self.device)
             change = (float(geodesic_distance_deg(self.prev_R[rows].double(),
