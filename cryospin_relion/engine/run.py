@@ -70,8 +70,8 @@ from cryospin_relion.engine.particles import ParticleImages
 from cryospin_relion.engine.progress import NoProgress, Progress
 from cryospin_relion.engine.schedule import (FIRST_POSE_BATCH0, Seeds, crop_for_epoch, epoch_batches, should_switch,
                                              stage1_cap, stage1_lr_decoder, stage2_lr_decoder, trial_epochs)
-from cryospin_relion.engine.stage1 import (FIRST_POSE_REFERENCE, SearchResult, batch_rows, candidate_losses,
-                                           first_poses, pose_fit, search_poses, search_sources,
+from cryospin_relion.engine.stage1 import (FIRST_POSE_REFERENCE, SearchResult, batch_rows, best_candidate,
+                                           candidate_losses, first_poses, pose_fit, search_poses, search_sources,
                                            stage1_step)
 from cryospin_relion.engine.stage2 import stage2_step
 from cryospin_relion.geometry.ctf import CTF
@@ -383,7 +383,9 @@ class AbinitEngine:
         """``_stage1_batch`` with K classes (engine/classes.py): each image searched in every class, the classes
         trained by the annealed class weights; every class's memory keeps its winner, ``classes`` the best."""
         cfg, M = self.cfg, self.cfg.model.heads
-        searched = [self.explore(b, bi, dist, k) for k in range(self.K)]
+        with torch.no_grad():
+            heads = self._heads(b.images)  # one forward pass, every class's heads
+        searched = [self.explore(b, bi, dist, k, heads) for k in range(self.K)]
         out = stage1_class_step(self.encoder, self.volume, self.models.opt_encoder, self.models.opt_volume1, b,
                                 searched, similarity_at(cfg.schedule, self.epoch), cfg.model.loss,
                                 cfg.search.distill_weight, denom=None if dist is None else dist[1],
@@ -396,37 +398,41 @@ class AbinitEngine:
         src = torch.where(out.overall < M, 0, found.clamp_min(1))
         return out.loss, wins, torch.bincount(src, minlength=len(WINNER_SOURCES)).tolist()
 
-    def _heads(self, images: Tensor, k: int | None) -> tuple[Tensor, Tensor]:
-        """The encoder's head poses (B, M, 3, 3), (B, M, 2) of class ``k`` (None: all heads), in eval mode."""
+    def _heads(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The encoder's head poses (B, K * M, 3, 3), (B, K * M, 2), in eval mode."""
         was = self.encoder.training
         self.encoder.eval()
         hr, ht = self.encoder(images)
         self.encoder.train(was)
+        return hr, ht
+
+    def _class_heads(self, heads: tuple[Tensor, Tensor], k: int | None) -> tuple[Tensor, Tensor]:
+        """Class ``k``'s M heads of ``_heads`` (None: all)."""
         if k is None:
-            return hr, ht
+            return heads
         M = self.cfg.model.heads
-        return hr[:, k * M:(k + 1) * M], ht[:, k * M:(k + 1) * M]
+        return heads[0][:, k * M:(k + 1) * M], heads[1][:, k * M:(k + 1) * M]
 
     def explore(self, b: Batch, bi: int, dist: tuple[Tensor, int] | None = None,
-                k: int | None = None) -> SearchResult | None:
+                k: int | None = None, heads: tuple[Tensor, Tensor] | None = None) -> SearchResult | None:
         """Exploration candidate of each image of a stage-1 batch (engine/stage1.py ``search_poses``):
         seeds = the remembered pose and the heads' current poses (detached), refined by the search.
         The generator is seeded by (seed, start, epoch, batch), so a resumed run draws the same candidates.
         None when exploration is off.
         With K classes, ``k`` is the class searched (its volume, memory and heads, its own random stream); with
         exploration off it is then the best of the class's heads (K classes need each class's best pose).
+        ``heads``: ``_heads(b.images)`` when already computed for the batch.
         """
         sc = self.cfg.search
         if not sc.enabled and k is None:
             return None
         with torch.no_grad():
-            hr, ht = self._heads(b.images, k)
+            hr, ht = self._class_heads(self._heads(b.images) if heads is None else heads, k)
             vol, mem = self.class_volume(k or 0), self.memories[k or 0]
             if not sc.enabled:
-                per = candidate_losses(vol, b, hr, ht, self.cfg.model.loss)
-                j = per.argmin(1)
-                ar = torch.arange(len(j), device=j.device)
-                return SearchResult(hr[ar, j], ht[ar, j], per[ar, j], torch.zeros_like(j), torch.zeros_like(j))
+                R, t, loss = best_candidate(vol, b, hr, ht, self.cfg.model.loss)
+                z = torch.zeros_like(loss, dtype=torch.long)
+                return SearchResult(R, t, loss, z, z)
             seeds_R = torch.cat([mem.rotations[b.idx][:, None], hr], 1)
             seeds_t = torch.cat([mem.shifts[b.idx][:, None], ht], 1)
             g = Seeds.generator(self.seeds.search(self.trial, self.epoch, bi) + 7_777_777 * (k or 0))
@@ -469,7 +475,8 @@ class AbinitEngine:
                     self.progress.update(None, None)
                     continue
                 b = self.batch(idx, c)
-                found = [self._first_pose(b, bi, dist, mode, scan_below, k) for k in range(self.K)]
+                heads = self._heads(b.images)  # one encoder pass for every class
+                found = [self._first_pose(b, bi, dist, mode, scan_below, k, heads) for k in range(self.K)]
                 loss = torch.stack([f[4] for f in found], 1)  # (B, K)
                 best = loss.argmin(1)
                 for k, (R, t, *_) in enumerate(found):
@@ -511,15 +518,15 @@ class AbinitEngine:
         below = cfg.search.first_pose_scan_below
         return below * ref_fit if ref_fit > 0 else float(below > 0)
 
-    def _first_pose(self, b: Batch, bi: int, dist, mode: str, scan_below: float | None, k: int
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _first_pose(self, b: Batch, bi: int, dist, mode: str, scan_below: float | None, k: int,
+                    heads: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """One batch's first poses in class ``k``: (rotations, shifts, WINNER_SOURCES index, sent to the scan,
-        loss), each (B, ...)."""
+        loss), each (B, ...). ``heads``: ``_heads(b.images)``."""
         cfg = self.cfg
         if mode == "search":
-            ex = self.explore(b, FIRST_POSE_BATCH0 + bi, dist, None if self.K == 1 else k)
+            ex = self.explore(b, FIRST_POSE_BATCH0 + bi, dist, None if self.K == 1 else k, heads)
             return ex.rot, ex.shift, search_sources(ex), torch.ones_like(ex.loss, dtype=torch.bool), ex.loss
-        hr, ht = self._heads(b.images, None if self.K == 1 else k)
+        hr, ht = self._class_heads(heads, None if self.K == 1 else k)
         vol = self.class_volume(k)
         if mode == "amortized":
             g = Seeds.generator(self.seeds.search(self.trial, self.epoch, FIRST_POSE_BATCH0 + bi) + 7_777_777 * k)
@@ -527,10 +534,9 @@ class AbinitEngine:
                              cfg.model.loss, draw_rows=None if dist is None else dist[0],
                              draw_batch=None if dist is None else dist[1])
             return fp.rot, fp.shift, fp.source, fp.scanned, fp.loss
-        per = candidate_losses(vol, b, hr, ht, cfg.model.loss)
-        ar = torch.arange(per.shape[0], device=per.device)
-        j = per.argmin(1)
-        return hr[ar, j], ht[ar, j], torch.zeros_like(j), torch.zeros_like(j, dtype=torch.bool), per[ar, j]
+        R, t, loss = best_candidate(vol, b, hr, ht, cfg.model.loss)
+        z = torch.zeros_like(loss, dtype=torch.long)
+        return R, t, z, z.bool(), loss
 
     def _end_epoch(self) -> None:
         cfg, h, a = self.cfg, self.history, self.tally

@@ -99,6 +99,16 @@ def candidate_losses(volume, batch: Batch, rot: Tensor, shift: Tensor, loss_kind
     return per_image_loss(model, target[:, None], batch.mask, loss_kind)  # (B, C)
 
 
+def best_candidate(volume, batch: Batch, rot: Tensor, shift: Tensor, loss_kind: str = "l1"
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """The lowest-loss of each image's C candidate poses rot (B, C, 3, 3) / shift (B, C, 2): (rotations (B, 3, 3),
+    shifts (B, 2), losses (B,))."""
+    per = candidate_losses(volume, batch, rot, shift, loss_kind)
+    j = per.argmin(1)
+    ar = torch.arange(len(j), device=j.device)
+    return rot[ar, j], shift[ar, j], per[ar, j]
+
+
 @torch.no_grad()
 def grid_scores(volume, batch: Batch, grid_rot: Tensor, shift: Tensor, grid: Tensor | None = None) -> Tensor:
     """L2 losses (B, T, G) of every image against every rotation of ``grid_rot`` (G, 3, 3), each image at

@@ -87,15 +87,15 @@ def compute_scores(engine, log: logging.Logger, settings: ScoreSettings | None =
                 parts = [score_particles(engine.class_volume(k), engine.data, R, t, s, engine.cfg.model.loss,
                                          engine.cfg.model.mask_radius, tick, rows=todo[cls[todo] == k])
                          for k in range(engine.K)]
-                ps = PoseScores(parts[0].confidence, *(sum(getattr(p, f) for p in parts)
-                                                       for f in ("loss", "gap", "noise")))
+                loss, gap, noise = (sum(getattr(p, f) for p in parts) for f in ("loss", "gap", "noise"))
+                ps = PoseScores(confidence_from_gap(gap, noise, s.scale), loss, gap, noise)
         finally:
             bar.close()
     except Exception as e:  # noqa: BLE001 - logged; the run's other outputs go on
         log.info(f"particle scores not computed: {type(e).__name__}: {e}")
     if world.any(ps is None)[0]:  # a rank failed: no scores anywhere (and no rank left in a collective)
         return None
-    if not world.alone or engine.K > 1:  # the shares are zero elsewhere: summing gives every row from its rank
+    if not world.alone:  # the shares are zero elsewhere: summing gives every row from its rank
         for v in (ps.loss, ps.gap, ps.noise):
             world.sum_(v)
         ps = PoseScores(confidence_from_gap(ps.gap, ps.noise, s.scale), ps.loss, ps.gap, ps.noise)

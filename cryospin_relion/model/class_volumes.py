@@ -44,7 +44,6 @@ class ClassVolumes(nn.Module):
         (0-based; required). ``grid``: (K, n, n, n) from ``grid()`` (e.g. detached), default the live one."""
         if cls is None:
             raise ValueError("ClassVolumes.slices needs each image's class")
-        g = self.grid() if grid is None else grid
         c = self.box if crop is None else crop
         order = torch.argsort(cls, stable=True)
         counts = torch.bincount(cls, minlength=len(self.classes)).tolist()
@@ -52,7 +51,8 @@ class ClassVolumes(nn.Module):
         for k, n in enumerate(counts):
             if n:
                 rows = order[a:a + n]
-                parts.append(self.classes[k].slices(rotations[rows], crop=c, grid=g[k]))
+                # without ``grid``, only the classes present build theirs
+                parts.append(self.classes[k].slices(rotations[rows], crop=c, grid=None if grid is None else grid[k]))
                 a += n
         if not parts:
             return rotations.new_zeros(0, c, c)
