@@ -147,8 +147,13 @@ class ScheduleConfig:
     class_anneal_epochs: int = opt(4, "K > 1: stage-1 epochs over which the class similarity falls to 0 "
                                    "(default {default})", flag=True, metavar="E", group=GROUP_CLASSES)
     class_min_share: float = opt(0.2, "K > 1: a class holding less than this share of its even share (N / K) after "
-                                 "a stage-1 epoch is re-seeded by splitting the largest class (default {default})",
+                                 "an annealing epoch of stage 1 is re-seeded by splitting the largest class "
+                                 "(default {default})",
                                  flag=True, metavar="F", group=GROUP_CLASSES)
+    class_duplicate_deg: float = opt(
+        30.0, "K > 1: after the annealing, of two classes whose poses of the same particles differ by one fixed "
+        "rotation (median deviation below this, degrees; either hand) the smaller is emptied, its particles join "
+        "the larger (0 = never; default {default})", flag=True, metavar="DEG", group=GROUP_CLASSES)
     c2f_start: float = opt(0.375, "first Fourier box as a fraction of the working box (12 at box 32)")
     c2f_epochs: int | None = opt(None, "epochs to reach the full box; null = min_epochs_amortized + 1")
 
@@ -343,6 +348,8 @@ class AbinitConfig:
                 bad(name, "must be 0 or an even number >= 8")
         if not 0 <= d["class_similarity"] <= 1:
             bad("class_similarity", "must be in [0, 1]")
+        if not 0 <= d["class_duplicate_deg"] <= 180:
+            bad("class_duplicate_deg", "must be in [0, 180] (0 = never)")
         for name in ("mask_radius", "c2f_start"):
             if not 0 < d[name] <= 1.0:
                 bad(name, "must be in (0, 1]")

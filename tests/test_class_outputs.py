@@ -175,7 +175,8 @@ def test_summary_table_and_report_pages(three, tmp_path):
     assert "class001/map.mrc" in text and "class 3 (3 particles)" in text and "no maps" in text
     history = {"epoch": [1, 2, 3, 4], "stage": [1, 1, 2, 2], "loss": [1.0, 0.8, 0.6, 0.5],
                "class_sizes": [[40, 30, 30], [50, 40, 10], [70, 50, 3], [70, 50, 3]],
-               "class_reseeds": [{"epoch": 2, "class": 2, "from_class": 0}]}
+               "class_reseeds": [{"epoch": 2, "class": 2, "from_class": 0}],
+               "class_merges": [{"epoch": 3, "class": 2, "into_class": 0, "spread_deg": 4.2}]}
     write_report(out, res, history, summary, LOG)
     assert (out / PDF_NAME).stat().st_size > 0
     for png in CLASS_PNG_NAMES.values():

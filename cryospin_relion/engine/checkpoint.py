@@ -7,7 +7,9 @@ A checkpoint is a dict of tensors (on the CPU), dicts, lists and primitives only
 - the schedule position: ``epoch``, ``stage``, ``batch_pos``, ``done``, ``trial`` (stage-1 start);
 - ``tally`` (the running epoch's sums), ``history`` (engine/history.py);
 - ``models`` (encoder, volume, optimisers), ``pose_table``, ``memory``, ``prev_R``;
-- with K classes also ``classes`` (N,) and ``class_memories`` (the pose memories of classes 2..K).
+- with K classes also ``classes`` (N,), ``class_memories`` (the pose memories of classes 2..K) and
+  ``class_scans`` (each class's global-scan sections of the running stage-1 epoch, engine/run.py
+  ``_class_scan``: made from volumes of earlier batches, so they cannot be remade on resuming).
 
 No global random state is saved: every random number of a run comes from a seeded
 generator (engine/schedule.py ``Seeds``), so a resumed run is identical to an
@@ -17,6 +19,7 @@ uninterrupted one on the CPU.
 from __future__ import annotations
 
 from cryospin_relion.engine.history import EpochTally, History
+from cryospin_relion.engine.stage1 import ScanSlices
 
 CHECKPOINT_VERSION = 2
 
@@ -40,7 +43,9 @@ def engine_state(eng) -> dict:
         "memory": eng.memory.state_dict(),
         "prev_R": None if eng.prev_R is None else eng.prev_R.cpu(),
         **({} if eng.K == 1 else {"classes": eng.classes.cpu(),
-                                  "class_memories": [m.state_dict() for m in eng.memories[1:]]}),
+                                  "class_memories": [m.state_dict() for m in eng.memories[1:]],
+                                  "class_scans": {str(k): {"rot": c.rot.cpu(), "slices": c.slices.cpu(), "crop": c.crop}
+                                                  for k, c in eng._scans.items()}}),
     }
 
 
@@ -58,6 +63,8 @@ def restore_engine(eng, d: dict) -> None:
         for m, md in zip(eng.memories[1:], d["class_memories"], strict=True):
             m.load_state_dict(md)
         eng.classes = d["classes"].to(eng.device)
+        eng._scans = {int(k): ScanSlices(c["rot"].to(eng.device), c["slices"].to(eng.device), int(c["crop"]))
+                      for k, c in d.get("class_scans", {}).items()}
     eng.prev_R = None if d["prev_R"] is None else d["prev_R"].to(eng.device)
     eng.epoch, eng.stage, eng.batch_pos = d["epoch"], d["stage"], d["batch_pos"]
     eng.trial = int(d["trial"])

@@ -20,6 +20,18 @@ of its even share is re-seeded by splitting the largest class
 (``ClassVolumes.split``: a copy at half amplitude, which the images that fit
 the largest class worst, junk first, then prefer), with that class's pose memory.
 
+Duplicates: with more classes than structures, one structure can form in two
+classes (each in its own frame and hand), which then split its particles by noise
+and give two maps each worse than one. Every image has a pose in every class (each
+class's pose memory), so two classes hold the same structure exactly when their
+poses of the same images differ by one fixed rotation (``A_j = A_i R^T``; with a
+mirror, ``A_j = M A_i M R^T``): ``relation_spread_deg``. Measured at the end of the
+RELION-projected junk set's K = 3 run: two classes of the same structure 5 degrees,
+distinct structures and junk 60-160 degrees. After the annealing, the smaller
+class of such a pair is emptied (``ClassVolumes.clear``; its particles join the
+larger), and is free to take junk or another structure; re-seeding belongs to the
+annealing epochs, or it would make the duplicate again.
+
 Stage 2 refines each particle's pose in its class (``Batch.cls``); after each
 stage-2 epoch a particle moves to another class when its remembered pose there
 fits better than its refined pose in its own (``engine.run`` ``_move_classes``).
@@ -72,6 +84,62 @@ def reseed_plan(sizes: list[int], min_count: float) -> list[tuple[int, int]]:
         sizes[dst] = sizes[src] // 2
         sizes[src] -= sizes[dst]
     return plan
+
+
+_MIRROR = (1.0, 1.0, -1.0)  # M = diag(1, 1, -1): the hand flip of poses (geometry/hand.py)
+
+
+def relation_spread_deg(rot_a: Tensor, rot_b: Tensor) -> tuple[float, float]:
+    """How far two sets of poses of the same images, rot_a / rot_b (n, 3, 3) RELION A, are from differing by
+    one fixed rotation: the median angle (degrees) between each D = A_a^T A_b and their mean rotation (the
+    projection of the mean of D onto SO(3)), for the same hand and with A_a mirrored (M A_a M).
+
+    Two maps of one structure (V_b = V_a rotated by R about the centre, possibly mirrored) give D = R^T for
+    every image, up to the pose errors; unrelated maps give D spread over SO(3) (median ~ 120 degrees)."""
+    out = []
+    for flip in (False, True):
+        a = rot_a.double()
+        if flip:
+            m = a.new_tensor(_MIRROR)
+            a = m[:, None] * a * m[None, :]
+        D = a.transpose(-1, -2) @ rot_b.double()
+        U, _, Vh = torch.linalg.svd(D.mean(0))
+        d = torch.ones(3, dtype=D.dtype, device=D.device)
+        d[-1] = torch.sign(torch.det(U @ Vh))
+        R = U @ torch.diag(d) @ Vh
+        cos = ((R[None] * D).sum((-1, -2)) - 1) / 2  # trace(R^T D) = 1 + 2 cos(angle)
+        out.append(float(torch.rad2deg(torch.arccos(cos.clamp(-1, 1))).median()))
+    return out[0], out[1]
+
+
+def duplicate_classes(rots: list[Tensor], classes: Tensor, max_spread_deg: float, min_members: int = 10
+                      ) -> list[tuple[int, int, float]]:
+    """Pairs (emptied class, kept class, spread in degrees) of classes that hold one structure.
+
+    ``rots``: each class's poses of the images (K tensors (n, 3, 3)); ``classes``: (n,) each image's class.
+    Two classes are one structure when the members of each, posed in both, give ``relation_spread_deg``
+    below ``max_spread_deg`` with the same hand for both member sets; of such a pair the smaller is
+    emptied (ties: the higher class). A class takes part in one pair per call; closest pairs first.
+    Classes with fewer than ``min_members`` images are left alone (their spread means little)."""
+    K = len(rots)
+    sizes = torch.bincount(classes, minlength=K).tolist()
+    found = []
+    for i in range(K):
+        for j in range(i + 1, K):
+            if min(sizes[i], sizes[j]) < min_members:
+                continue
+            si = relation_spread_deg(rots[i][classes == i], rots[j][classes == i])
+            sj = relation_spread_deg(rots[i][classes == j], rots[j][classes == j])
+            spread = min(max(si[0], sj[0]), max(si[1], sj[1]))
+            if spread < max_spread_deg:
+                keep, drop = (i, j) if sizes[i] >= sizes[j] else (j, i)
+                found.append((spread, drop, keep))
+    pairs, used = [], set()
+    for spread, drop, keep in sorted(found):
+        if drop not in used and keep not in used:
+            pairs.append((drop, keep, spread))
+            used |= {drop, keep}
+    return pairs
 
 
 @dataclass

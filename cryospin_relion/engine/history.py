@@ -126,6 +126,8 @@ class History:
     assign_s: float | None = None  # time of the first-pose pass of the particles outside the stage-1 subset
     first_poses: FirstPoseRecord | None = None  # that pass
     class_reseeds: list[dict] = field(default_factory=list)  # K > 1: {"epoch", "class", "from_class"} (0-based)
+    # K > 1: {"epoch", "class", "into_class", "spread_deg"}: a class emptied as a duplicate (engine/classes.py)
+    class_merges: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.epochs)
@@ -160,6 +162,8 @@ class History:
             out["first_poses"] = dataclasses.asdict(self.first_poses)
         if self.class_reseeds:
             out["class_reseeds"] = list(self.class_reseeds)
+        if self.class_merges:
+            out["class_merges"] = list(self.class_merges)
         return out
 
     def state_dict(self) -> dict:
@@ -170,7 +174,7 @@ class History:
         return cls(epochs=[EpochRecord(**e) for e in d["epochs"]], switch_epoch=d["switch_epoch"],
                    trials=None if d["trials"] is None else TrialsRecord(**d["trials"]), assign_s=d["assign_s"],
                    first_poses=None if d.get("first_poses") is None else FirstPoseRecord(**d["first_poses"]),
-                   class_reseeds=list(d.get("class_reseeds", [])))
+                   class_reseeds=list(d.get("class_reseeds", [])), class_merges=list(d.get("class_merges", [])))
 
 
 def epoch_line(rec: EpochRecord, seconds: float, explore: bool) -> str:

@@ -49,6 +49,7 @@ first-pose pass and on ``sync()`` (before a checkpoint).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -60,7 +61,7 @@ from torch import Tensor
 
 from cryospin_relion.config import AbinitConfig
 from cryospin_relion.engine.checkpoint import engine_state, restore_engine
-from cryospin_relion.engine.classes import reseed_plan, similarity_at, stage1_class_step
+from cryospin_relion.engine.classes import duplicate_classes, reseed_plan, similarity_at, stage1_class_step
 from cryospin_relion.engine.distributed import ALONE, World
 from cryospin_relion.engine.forward import Batch
 from cryospin_relion.engine.history import (WINNER_SOURCES, EpochRecord, EpochTally, FirstPoseRecord, History,
@@ -70,12 +71,12 @@ from cryospin_relion.engine.particles import ParticleImages
 from cryospin_relion.engine.progress import NoProgress, Progress
 from cryospin_relion.engine.schedule import (FIRST_POSE_BATCH0, Seeds, crop_for_epoch, epoch_batches, should_switch,
                                              stage1_cap, stage1_lr_decoder, stage2_lr_decoder, trial_epochs)
-from cryospin_relion.engine.stage1 import (FIRST_POSE_REFERENCE, SearchResult, batch_rows, best_candidate,
-                                           candidate_losses, first_poses, pose_fit, search_poses, search_sources,
-                                           stage1_step)
+from cryospin_relion.engine.stage1 import (FIRST_POSE_REFERENCE, ScanSlices, SearchResult, batch_rows,
+                                           best_candidate, candidate_losses, first_poses, pose_fit, scan_batch,
+                                           scan_slices, search_poses, search_sources, stage1_step)
 from cryospin_relion.engine.stage2 import stage2_step
 from cryospin_relion.geometry.ctf import CTF
-from cryospin_relion.geometry.rotations import geodesic_distance_deg, super_fibonacci_rotations
+from cryospin_relion.geometry.rotations import geodesic_distance_deg, random_rotations, super_fibonacci_rotations
 from cryospin_relion.model.class_volumes import ClassVolumes
 from cryospin_relion.model.encoder import PoseEncoder
 from cryospin_relion.model.pose_memory import PoseMemory
@@ -122,6 +123,7 @@ class AbinitEngine:
         else:
             self.s1_idx = torch.arange(self.N)
         self._grid: Tensor | None = None  # near-uniform rotations of the global search (made on first use)
+        self._scans: dict[int, ScanSlices] = {}  # K > 1: each class's global-scan sections (``_class_scan``)
         self._reset_schedule()
 
     # -- state ---------------------------------------------------------------------------------
@@ -279,6 +281,8 @@ class AbinitEngine:
         c = self.crop()
         self.progress.start(f"epoch {self.epoch + 1}/{self.total_epochs_max} stage {self.stage} box {c}",
                             len(batches), self.batch_pos)
+        if self.batch_pos == 0:
+            self._scans.clear()  # an epoch's first batch renews every class's scan sections
         if self.batch_pos == 0 and self.stage == 2:
             self.prev_R = self.table.rotations.clone()
         opt = self.models.opt_volume1 if self.stage == 1 else self.models.opt_volume2
@@ -438,7 +442,24 @@ class AbinitEngine:
             g = Seeds.generator(self.seeds.search(self.trial, self.epoch, bi) + 7_777_777 * (k or 0))
             return search_poses(vol, b, seeds_R, seeds_t, g, self.search_grid(), sc, self.max_shift,
                                 self.cfg.model.loss, draw_rows=None if dist is None else dist[0],
-                                draw_batch=None if dist is None else dist[1])
+                                draw_batch=None if dist is None else dist[1],
+                                scan=None if k is None else self._class_scan(k, b, bi))
+
+    def _class_scan(self, k: int, b: Batch, bi: int) -> ScanSlices:
+        """Class ``k``'s global-scan sections for stage-1 batch ``bi``: renewed at every K-th batch (k, k + K, ...)
+        and at each epoch's first, else those of an earlier batch of the epoch (at most K - 1 steps old).
+
+        Why: the sections of the 4,608 scan rotations are the search's costliest part and cost the same for
+        any number of images, so K classes would pay K times one class's scan per batch; this way they pay
+        one. The scan only ranks: its best candidates are re-scored on the live volume. Kept in the
+        checkpoint, so a resumed run is the same."""
+        c = self._scans.get(k)
+        gb = scan_batch(b, self.cfg.search)
+        if c is None or c.crop != gb.crop or (bi - k) % self.K == 0:
+            g = Seeds.generator(self.seeds.search(self.trial, self.epoch, bi) + 5_555_555 * (k + 1))
+            Q = random_rotations(1, g, dtype=torch.float32)[0].to(self.device)
+            c = self._scans[k] = scan_slices(self.class_volume(k), self.search_grid() @ Q, gb)
+        return c
 
     def search_grid(self) -> Tensor:
         """The global scan's near-uniform rotations (``explore_candidates``), made on first use."""
@@ -564,6 +585,9 @@ class AbinitEngine:
             winner_source_share=sources, pose_change_deg=None if math.isnan(change) else change, switched=False,
             class_sizes=self.class_sizes() if self.K > 1 else None, class_moves=moved)
         if self.stage == 1:
+            if self.K > 1 and e + 1 >= cfg.schedule.class_anneal_epochs:  # ... merge duplicates (engine/classes.py)
+                self._empty_duplicate_classes(e + 1)
+                rec.class_sizes = self.class_sizes()
             if should_switch(cfg.schedule, e + 1, change):
                 if len(self.s1_idx) < self.N:
                     t0 = time.perf_counter()
@@ -579,7 +603,7 @@ class AbinitEngine:
                 rec.switched = True
                 if self.K > 1:  # every particle now has a class
                     rec.class_sizes = self.class_sizes()
-            elif self.K > 1:
+            elif self.K > 1 and e + 1 < cfg.schedule.class_anneal_epochs:  # re-seed while forming, then
                 self._reseed_classes(e + 1)
             self.prev_R = self.remembered()[0].clone()
         h.epochs.append(rec)
@@ -622,13 +646,42 @@ class AbinitEngine:
                      f"class {src + 1} ({sizes[src]})")
 
     @torch.no_grad()
+    def _empty_duplicate_classes(self, epoch: int) -> None:
+        """Empty the smaller of each pair of classes that hold one structure (``duplicate_classes``, threshold
+        ``class_duplicate_deg``; 0 = never): its volume is zeroed (``ClassVolumes.clear``, fresh Adam state) and
+        its particles join the larger class, at their remembered poses there. The same on every rank."""
+        deg = self.cfg.schedule.class_duplicate_deg
+        if deg <= 0:
+            return
+        rows = self.estimated_rows().to(self.device)
+        rots = [m.rotations[rows] for m in self.memories]
+        sizes = self.class_sizes()
+        for drop, keep, spread in duplicate_classes(rots, self.classes[rows], deg):
+            self.volume.clear(drop)
+            for opt in (self.models.opt_volume1, self.models.opt_volume2):
+                for p in self.volume[drop].parameters():
+                    opt.state.pop(p, None)
+            self.classes[self.classes == drop] = keep
+            self.history.class_merges.append({"epoch": epoch, "class": drop, "into_class": keep,
+                                              "spread_deg": round(spread, 2)})
+            log.info(f"class {drop + 1} ({sizes[drop]}) held the structure of class {keep + 1} ({sizes[keep]}): "
+                     f"their poses of the same particles differ by one rotation (median deviation "
+                     f"{spread:.1f} deg); its particles joined class {keep + 1} and it was emptied")
+
+    @torch.no_grad()
     def _move_classes(self) -> int:
         """After a stage-2 epoch: each particle moves to the class whose remembered pose (``memories``, refined
         locally) fits its image better than its refined pose in its own class (at the epoch's Fourier box); the
         pose it leaves
         is remembered for its old class, and its pose-table row restarts (Adam state) from the new class's
         pose. Returns the number of particles moved (all ranks)."""
-        c, K = self.crop(), self.K
+        c, K, sc = self.crop(), self.K, self.cfg.search
+        # one refinement round at the search's finest scale: a remembered pose was refined against its class's
+        # volume of the last epoch, which has moved by one stage-2 epoch since (1-3 degrees); three rounds from
+        # the coarsest scale cost 2.5x the stage-2 epoch itself at K = 3 and changed nothing
+        f = 2 ** max(0, sc.explore_rounds - 1)
+        fine = dataclasses.replace(sc, explore_rounds=min(1, sc.explore_rounds),
+                                   explore_local_deg=sc.explore_local_deg / f, explore_shift_px=sc.explore_shift_px / f)
         todo = torch.arange(self.N) if self.world.alone else self.world.share(self.N)
         moved = 0
         for a, idx in enumerate(torch.split(todo, self.cfg.schedule.batch_size * 4)):
@@ -650,7 +703,7 @@ class AbinitEngine:
                 if len(r):
                     g = Seeds.generator(self.seeds.search(self.trial, self.epoch, 2 * FIRST_POSE_BATCH0 + a) + k)
                     ref = search_poses(vol, batch_rows(b, r), m.rotations[i[r]][:, None], m.shifts[i[r]][:, None], g,
-                                       None, self.cfg.search, self.max_shift, self.cfg.model.loss)
+                                       None, fine, self.max_shift, self.cfg.model.loss)
                     m.rotations[i[r]], m.shifts[i[r]], L[r, k] = ref.rot, ref.shift, ref.loss
             new = L.argmin(1)
             go = (new != own) & (L.gather(1, new[:, None])[:, 0] < L.gather(1, own[:, None])[:, 0])

@@ -109,10 +109,30 @@ def best_candidate(volume, batch: Batch, rot: Tensor, shift: Tensor, loss_kind: 
     return rot[ar, j], shift[ar, j], per[ar, j]
 
 
+@dataclass
+class ScanSlices:
+    """A volume's central sections at the global scan's rotations, inside the scan's mask: the scan's costliest
+    part, made once and reusable for several batches (with K classes each class renews its own only every K-th
+    batch, engine/run.py: the scan only ranks candidates, and its top ones are re-scored on the live volume)."""
+
+    rot: Tensor  # (G, 3, 3) the grid turned by one random rotation
+    slices: Tensor  # (G, P) the sections at Fourier box ``crop``, the P frequencies of its mask
+    crop: int
+
+
 @torch.no_grad()
-def grid_scores(volume, batch: Batch, grid_rot: Tensor, shift: Tensor, grid: Tensor | None = None) -> Tensor:
+def scan_slices(volume, grid_rot: Tensor, batch: Batch, grid: Tensor | None = None) -> ScanSlices:
+    """``ScanSlices`` of ``volume`` at rotations ``grid_rot`` (G, 3, 3), at ``batch``'s Fourier box and mask."""
+    S = volume.slices(grid_rot, crop=batch.crop, grid=grid)[:, batch.mask]
+    return ScanSlices(grid_rot, S, batch.crop)
+
+
+@torch.no_grad()
+def grid_scores(volume, batch: Batch, grid_rot: Tensor, shift: Tensor, grid: Tensor | None = None,
+                scan: ScanSlices | None = None) -> Tensor:
     """L2 losses (B, T, G) of every image against every rotation of ``grid_rot`` (G, 3, 3), each image at
     each of its T shifts ``shift`` (B, T, 2) (or (B, 2): T = 1), up to a per-image constant.
+    ``scan``: the sections already made (``scan_slices``; then ``grid_rot`` is ``scan.rot``).
 
     The Hartley shift is orthogonal on the (radially symmetric) mask, so ||shift_t(c S_r) - y||^2 =
     ||c S_r - shift_-t(y)||^2 and the scores are two matrix products of the G slices with the B * T
@@ -121,12 +141,12 @@ def grid_scores(volume, batch: Batch, grid_rot: Tensor, shift: Tensor, grid: Ten
     if shift.ndim == 2:
         shift = shift[:, None]
     B, T = shift.shape[:2]
-    S = volume.slices(grid_rot, crop=batch.crop, grid=grid)[:, batch.mask]  # (G, K)
+    S = (scan if scan is not None else scan_slices(volume, grid_rot, batch, grid)).slices  # (G, P)
     y = hartley_shift(batch.target.repeat_interleave(T, 0), -shift.reshape(B * T, 2) * (batch.crop / batch.box))
-    y = y[:, batch.mask].reshape(B, T, -1)  # (B, T, K)
+    y = y[:, batch.mask].reshape(B, T, -1)  # (B, T, P)
     if batch.ctf is None:
         return (S * S).sum(1)[None, None, :] - 2 * y @ S.T
-    c = batch.ctf[:, batch.mask]  # (B, K)
+    c = batch.ctf[:, batch.mask]  # (B, P)
     return ((c * c) @ (S * S).T)[:, None, :] - 2 * (c[:, None] * y) @ S.T
 
 
@@ -143,7 +163,8 @@ def shift_offsets(half_range: float, step: float, device=None) -> Tensor:
 @torch.no_grad()
 def search_poses(volume, batch: Batch, seed_rot: Tensor, seed_shift: Tensor, generator: torch.Generator,
                  grid_rot: Tensor | None, search: SearchConfig, max_shift: float, loss_kind: str = "l1",
-                 chunk: int = 8192, draw_rows: Tensor | None = None, draw_batch: int | None = None) -> SearchResult:
+                 chunk: int = 8192, draw_rows: Tensor | None = None, draw_batch: int | None = None,
+                 scan: ScanSlices | None = None) -> SearchResult:
     """Stochastic pose search without gradient (the exploration candidate of each image of one batch).
 
     Global step: every rotation of ``grid_rot`` (G, 3, 3), turned by one random rotation per batch
@@ -162,6 +183,8 @@ def search_poses(volume, batch: Batch, seed_rot: Tensor, seed_shift: Tensor, gen
     ``draw_rows`` (B,) / ``draw_batch``: the images are rows ``draw_rows`` of a batch of ``draw_batch``
     (a data-parallel rank's share of the global batch, engine/distributed.py): the random numbers are
     drawn for the whole batch and these rows taken, so each image gets the same draws as in one process.
+    ``scan``: the global scan's turned grid and its sections, already made (``scan_slices`` at the scan's
+    Fourier box); then no random turn is drawn here and ``grid_rot`` only switches the scan on.
     """
     top, rounds, local_n = search.explore_top, search.explore_rounds, search.explore_local
     grid = volume.grid().detach()
@@ -177,12 +200,17 @@ def search_poses(volume, batch: Batch, seed_rot: Tensor, seed_shift: Tensor, gen
 
     Rc, tc = seed_rot, seed_shift
     if grid_rot is not None and len(grid_rot) and top > 0:
-        Q = random_rotations(1, generator, dtype=torch.float32)[0].to(dev)
-        G = grid_rot.to(dev) @ Q
-        gb = recrop(batch, search.explore_grid_crop) if search.explore_grid_crop else batch
+        gb = scan_batch(batch, search)
+        if scan is None:
+            Q = random_rotations(1, generator, dtype=torch.float32)[0].to(dev)
+            G = grid_rot.to(dev) @ Q
+        else:
+            G = scan.rot
+            if scan.crop != gb.crop:
+                raise ValueError(f"scan sections at Fourier box {scan.crop}, the scan works at {gb.crop}")
         offsets = shift_offsets(search.explore_shift_range * batch.box, search.explore_shift_step, dev)
         ts = (seed_shift[:, :1] + offsets[None]).clamp(-max_shift, max_shift)
-        sc, jt = grid_scores(volume, gb, G, ts, grid).min(1)  # (B, G): best shift per rotation
+        sc, jt = grid_scores(volume, gb, G, ts, grid, scan).min(1)  # (B, G): best shift per rotation
         kk = sc.topk(min(top, len(G)), dim=1, largest=False).indices
         Rc = torch.cat([seed_rot, G[kk]], 1)
         tc = torch.cat([seed_shift, torch.gather(ts, 1, jt.gather(1, kk)[..., None].expand(-1, -1, 2))], 1)
@@ -214,6 +242,11 @@ def search_poses(volume, batch: Batch, seed_rot: Tensor, seed_shift: Tensor, gen
         best_l = torch.where(better, pl[ar, j], best_l)
         src = torch.where(better, 2, src)
     return SearchResult(best_R, best_t, best_l, src, basin)
+
+
+def scan_batch(batch: Batch, search: SearchConfig) -> Batch:
+    """The batch at the global scan's Fourier box (``explore_grid_crop``; 0 or larger = the batch's)."""
+    return recrop(batch, search.explore_grid_crop) if search.explore_grid_crop else batch
 
 
 def winner_takes_all(per: Tensor) -> tuple[Tensor, Tensor]:

@@ -77,3 +77,10 @@ class ClassVolumes(nn.Module):
         else:
             d.mantissa.copy_(s.mantissa * factor)
             d.exponent.copy_(s.exponent)
+
+    @torch.no_grad()
+    def clear(self, k: int) -> None:
+        """Empty class ``k``: a zero grid, whose model image is zero, so the images it fits best are those that
+        no other class explains (junk); it learns again from the images that join it."""
+        v = self.classes[k]
+        (v.values if v.param == "linear" else v.mantissa).zero_()

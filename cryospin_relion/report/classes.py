@@ -3,7 +3,8 @@ resolution, and the central slices of every class map.
 
 Inputs are plain data: ``history.json``'s ``"class_sizes"`` (one list of K counts per epoch, None for an
 epoch without classes; stage-1 epochs count the stage-1 subset, stage-2 epochs all particles) and
-``"class_reseeds"`` ({"epoch", "class", "from_class"}, 0-based classes), and one entry per class
+``"class_reseeds"`` ({"epoch", "class", "from_class"}, 0-based classes) and ``"class_merges"`` ({"epoch",
+"class", "into_class", "spread_deg"}: a duplicate class emptied), and one entry per class
 {"class": 1-based, "n_particles", "resolution_A" (None: no maps), "map": (n, n, n) or None}.
 """
 
@@ -49,7 +50,7 @@ def _fmt_res(r: Any) -> str:
 
 def plot_class_sizes(history: Mapping[str, Any] | None, classes: Sequence[Mapping[str, Any]] | None = None) -> Figure:
     """Share of the particles in each class per epoch (stage-1 epochs: of the stage-1 subset), the stage
-    switch and the re-seeds marked; with ``classes``, a table of each class's final size and resolution."""
+    switch, the re-seeds (dotted) and the duplicates emptied (dash-dotted) marked; with ``classes``, a table of each class's final size and resolution."""
     got = class_sizes(history)
     if got is None and not classes:
         raise ValueError("history: no class sizes (a run with one class)")
@@ -68,6 +69,10 @@ def plot_class_sizes(history: Mapping[str, Any] | None, classes: Sequence[Mappin
             ax.axvline(float(r["epoch"]), color=f"C{int(r['class']) % 10}", ls=":", lw=1.2)
         if (history or {}).get("class_reseeds"):
             ax.plot([], [], "k:", lw=1.2, label="re-seeded (class colour)")
+        for r in (history or {}).get("class_merges") or []:
+            ax.axvline(float(r["epoch"]), color=f"C{int(r['class']) % 10}", ls="-.", lw=1.2)
+        if (history or {}).get("class_merges"):
+            ax.plot([], [], "k-.", lw=1.2, label="duplicate emptied (class colour)")
         ax.set_ylim(0, 100)
         ax.legend(fontsize=8, loc="best")
         ax.grid(alpha=0.3)
