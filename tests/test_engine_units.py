@@ -310,6 +310,9 @@ def test_grid_scores_over_shifts_rank_like_the_l2_loss(tiny):
     # the true pose at the true shift scores best among the 9 shifts
     sc_true = grid_scores(vol, _batch(tiny, torch.arange(1), 12), tiny["R"][:1].float(), ts[:1])
     assert int(sc_true[0, :, 0].argmin()) == 4  # offset (0, 0)
+    # sections made once (scan_slices) and reused give the same scores
+    from cryospin_relion.engine.stage1 import scan_slices
+    assert torch.allclose(grid_scores(vol, b, G, ts, scan=scan_slices(vol, G, b)), sc)
 
 
 def test_stage_two_grows_the_fourier_box():
@@ -342,6 +345,34 @@ def test_stage1_subset_and_first_poses_of_the_others(tiny):
     # every particle outside the subset got a pose from the pass (not its random start)
     assert float(geodesic_distance_deg(R0[out].double(), eng.table.rotations[out].double()).min()) > 0
     assert eng.history.assign_s is not None and eng.history.assign_s > 0
+
+
+def test_first_pose_pass_makes_the_scan_sections_once(tiny, monkeypatch):
+    """The volume is fixed during the first-pose pass: one set of global-scan sections serves all its batches."""
+    import cryospin_relion.engine.run as run_mod
+
+    calls = {"pass": 0, "in_pass": False}
+    made = run_mod.scan_slices
+    assign = AbinitEngine._assign_unvisited
+
+    def count(*a, **k):
+        calls["pass"] += calls["in_pass"]
+        return made(*a, **k)
+
+    def spy(self):
+        calls["in_pass"] = True
+        try:
+            return assign(self)
+        finally:
+            calls["in_pass"] = False
+
+    monkeypatch.setattr(run_mod, "scan_slices", count)
+    monkeypatch.setattr(AbinitEngine, "_assign_unvisited", spy)
+    eng = AbinitEngine(tiny["images"], tiny["apix"], _ctf(tiny), _cfg(stage1_particles=20, stage1_trials=1,
+                                                                      batch_size=8), "cpu")
+    assert eng.run() == "done"
+    assert eng.history.first_poses.particles == eng.N - 20 > 8  # several batches
+    assert calls["pass"] == 1
 
 
 def test_several_starts_keep_the_lowest_loss(tiny):

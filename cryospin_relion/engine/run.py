@@ -124,6 +124,7 @@ class AbinitEngine:
             self.s1_idx = torch.arange(self.N)
         self._grid: Tensor | None = None  # near-uniform rotations of the global search (made on first use)
         self._scans: dict[int, ScanSlices] = {}  # K > 1: each class's global-scan sections (``_class_scan``)
+        self._frozen = False  # the volumes are fixed (the first-pose pass): the scan sections are made once
         self._reset_schedule()
 
     # -- state ---------------------------------------------------------------------------------
@@ -442,20 +443,24 @@ class AbinitEngine:
             g = Seeds.generator(self.seeds.search(self.trial, self.epoch, bi) + 7_777_777 * (k or 0))
             return search_poses(vol, b, seeds_R, seeds_t, g, self.search_grid(), sc, self.max_shift,
                                 self.cfg.model.loss, draw_rows=None if dist is None else dist[0],
-                                draw_batch=None if dist is None else dist[1],
-                                scan=None if k is None else self._class_scan(k, b, bi))
+                                draw_batch=None if dist is None else dist[1], scan=self._class_scan(k, b, bi))
 
-    def _class_scan(self, k: int, b: Batch, bi: int) -> ScanSlices:
-        """Class ``k``'s global-scan sections for stage-1 batch ``bi``: renewed at every K-th batch (k, k + K, ...)
-        and at each epoch's first, else those of an earlier batch of the epoch (at most K - 1 steps old).
+    def _class_scan(self, k: int | None, b: Batch, bi: int) -> ScanSlices | None:
+        """Class ``k``'s global-scan sections for batch ``bi`` (None: made afresh by the search, one class in
+        training). In the first-pose pass (``_frozen``: no volume changes) they are made once per class for the
+        whole pass. In stage-1 training with K classes: renewed at every K-th batch (k, k + K, ...) and at each
+        epoch's first, else those of an earlier batch of the epoch (at most K - 1 steps old).
 
         Why: the sections of the 4,608 scan rotations are the search's costliest part and cost the same for
         any number of images, so K classes would pay K times one class's scan per batch; this way they pay
         one. The scan only ranks: its best candidates are re-scored on the live volume. Kept in the
         checkpoint, so a resumed run is the same."""
+        if k is None and not self._frozen:
+            return None
+        k = k or 0
         c = self._scans.get(k)
         gb = scan_batch(b, self.cfg.search)
-        if c is None or c.crop != gb.crop or (bi - k) % self.K == 0:
+        if c is None or c.crop != gb.crop or (not self._frozen and (bi - k) % self.K == 0):
             g = Seeds.generator(self.seeds.search(self.trial, self.epoch, bi) + 5_555_555 * (k + 1))
             Q = random_rotations(1, g, dtype=torch.float32)[0].to(self.device)
             c = self._scans[k] = scan_slices(self.class_volume(k), self.search_grid() @ Q, gb)
@@ -488,6 +493,8 @@ class AbinitEngine:
         scan_below = self._scan_below(c) if mode == "amortized" else None
         counts = torch.zeros(len(WINNER_SOURCES) + 1, dtype=torch.float64)  # sources, then images scanned
         self.progress.start(f"first poses of {len(rows)} more particles, box {c}", len(batches), 0)
+        self._scans.clear()  # made once per class for the pass, from the final stage-1 volumes
+        self._frozen = True
         try:
             for bi, all_idx in enumerate(batches):
                 idx, dist = self._share(all_idx)
@@ -509,6 +516,8 @@ class AbinitEngine:
                 counts[-1] += int(scanned.sum())
                 self.progress.update(None, None)
         finally:
+            self._frozen = False
+            self._scans.clear()
             self.progress.close()
         self.sync()
         if not self.world.alone:
@@ -553,7 +562,7 @@ class AbinitEngine:
             g = Seeds.generator(self.seeds.search(self.trial, self.epoch, FIRST_POSE_BATCH0 + bi) + 7_777_777 * k)
             fp = first_poses(vol, b, hr, ht, g, self.search_grid(), cfg.search, self.max_shift, scan_below,
                              cfg.model.loss, draw_rows=None if dist is None else dist[0],
-                             draw_batch=None if dist is None else dist[1])
+                             draw_batch=None if dist is None else dist[1], scan=self._class_scan(k, b, bi))
             return fp.rot, fp.shift, fp.source, fp.scanned, fp.loss
         R, t, loss = best_candidate(vol, b, hr, ht, cfg.model.loss)
         z = torch.zeros_like(loss, dtype=torch.long)

@@ -405,7 +405,8 @@ def search_sources(res: SearchResult) -> Tensor:
 @torch.no_grad()
 def first_poses(volume, batch: Batch, head_rot: Tensor, head_shift: Tensor, generator: torch.Generator,
                 grid_rot: Tensor, search: SearchConfig, max_shift: float, scan_below: float, loss_kind: str = "l1",
-                draw_rows: Tensor | None = None, draw_batch: int | None = None) -> FirstPoseResult:
+                draw_rows: Tensor | None = None, draw_batch: int | None = None,
+                scan: ScanSlices | None = None) -> FirstPoseResult:
     """Amortised first poses: the encoder's M head poses ``head_rot`` (B, M, 3, 3) / ``head_shift`` (B, M, 2)
     refined locally (``search_poses`` without the grid: its refinement rounds), then the global scan
     (``search_poses`` with ``grid_rot``, seeded by that pose and the heads, so it can only improve on it) for
@@ -413,8 +414,8 @@ def first_poses(volume, batch: Batch, head_rot: Tensor, head_shift: Tensor, gene
 
     Why a fit threshold: on images stage 1 never saw, the heads sometimes propose a wrong basin, and a pose in
     a wrong basin explains less of its image (bench/amortize.py --measure-rule; the figures and the choice of
-    the threshold are in config.SearchConfig ``first_pose_scan_below``). ``draw_rows`` / ``draw_batch``: as in
-    ``search_poses`` (a data-parallel rank's share of the global batch)."""
+    the threshold are in config.SearchConfig ``first_pose_scan_below``). ``draw_rows`` / ``draw_batch`` /
+    ``scan``: as in ``search_poses`` (a data-parallel rank's share of the global batch; the scan's sections)."""
     B = head_rot.shape[0]
     hl = search_poses(volume, batch, head_rot, head_shift, generator, None, search, max_shift, loss_kind,
                       draw_rows=draw_rows, draw_batch=draw_batch)
@@ -428,7 +429,7 @@ def first_poses(volume, batch: Batch, head_rot: Tensor, head_shift: Tensor, gene
         seeds_R = torch.cat([rot[sel, None], head_rot[sel]], 1)
         seeds_t = torch.cat([shift[sel, None], head_shift[sel]], 1)
         fb = search_poses(volume, batch_rows(batch, sel), seeds_R, seeds_t, generator, grid_rot, search, max_shift,
-                          loss_kind, draw_rows=pos[sel], draw_batch=B if draw_batch is None else draw_batch)
+                          loss_kind, draw_rows=pos[sel], draw_batch=B if draw_batch is None else draw_batch, scan=scan)
         # the first seed is the head-local pose: kept (with its source) unless the scan's basin wins
         src = torch.where(fb.basin == 3, GLOBAL, torch.where(fb.source == 2, LOCAL, source[sel]))
         rot, shift, source, loss = rot.clone(), shift.clone(), source.clone(), loss.clone()
