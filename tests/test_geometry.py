@@ -17,7 +17,8 @@ from cryospin_relion.geometry.fourier import (
 from cryospin_relion.geometry.fsc import fsc, resolution_at
 from cryospin_relion.geometry.projection import project_spectrum
 from cryospin_relion.geometry.rotations import (
-    cryosparc_pose_to_relion, euler_to_matrix_np, geodesic_distance_deg, matrix_to_euler, random_rotations,
+    cryosparc_pose_to_relion, euler_to_matrix_np, geodesic_distance_deg, matrix_to_euler, project_to_so3,
+    random_rotations,
     relion_to_cryosparc_pose, rotation_angle_deg, sixd_to_matrix, so3_exp, so3_log, super_fibonacci_rotations,
 )
 from cryospin_relion.geometry.shifts import hartley_shift, origin_to_translation, phase_ramp
@@ -315,3 +316,15 @@ def test_backprojection_padded_images_mode_matches_direct_insert():
     n2, w2 = bp.accumulator_spectra(a2)
     assert (n1 - n2).abs().max().item() <= 1e-5 * n2.abs().max().item()
     assert (w1 - w2).abs().max().item() <= 1e-5 * w2.abs().max().item()
+
+
+def test_project_to_so3_is_the_chordal_mean_rotation():
+    g = torch.Generator().manual_seed(3)
+    R = random_rotations(1, g)[0]
+    noisy = so3_exp(torch.randn(50, 3, generator=g, dtype=torch.float64) * 0.1) @ R
+    H = project_to_so3(noisy.mean(0))
+    assert torch.allclose(H.T @ H, torch.eye(3, dtype=H.dtype), atol=1e-12) and float(torch.det(H)) > 0
+    assert float(geodesic_distance_deg(H, R)) < 3.0
+    # a mirror-containing matrix still gives a proper rotation (det +1), not a reflection
+    M = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
+    assert float(torch.det(project_to_so3(R @ M))) > 0

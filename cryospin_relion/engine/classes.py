@@ -50,6 +50,8 @@ from torch import Tensor
 from cryospin_relion.config import ScheduleConfig
 from cryospin_relion.engine.forward import Batch
 from cryospin_relion.engine.stage1 import SearchResult, WinnerTerms, batch_rows, candidate_losses, winner_terms
+from cryospin_relion.geometry.hand import flip_poses_hand
+from cryospin_relion.geometry.rotations import geodesic_distance_deg, project_to_so3
 
 
 def similarity_at(cfg: ScheduleConfig, epoch: int) -> float:
@@ -86,9 +88,6 @@ def reseed_plan(sizes: list[int], min_count: float) -> list[tuple[int, int]]:
     return plan
 
 
-_MIRROR = (1.0, 1.0, -1.0)  # M = diag(1, 1, -1): the hand flip of poses (geometry/hand.py)
-
-
 def relation_spread_deg(rot_a: Tensor, rot_b: Tensor) -> tuple[float, float]:
     """How far two sets of poses of the same images, rot_a / rot_b (n, 3, 3) RELION A, are from differing by
     one fixed rotation: the median angle (degrees) between each D = A_a^T A_b and their mean rotation (the
@@ -97,18 +96,10 @@ def relation_spread_deg(rot_a: Tensor, rot_b: Tensor) -> tuple[float, float]:
     Two maps of one structure (V_b = V_a rotated by R about the centre, possibly mirrored) give D = R^T for
     every image, up to the pose errors; unrelated maps give D spread over SO(3) (median ~ 120 degrees)."""
     out = []
-    for flip in (False, True):
-        a = rot_a.double()
-        if flip:
-            m = a.new_tensor(_MIRROR)
-            a = m[:, None] * a * m[None, :]
+    for a in (rot_a.double(), flip_poses_hand(rot_a.double())):
         D = a.transpose(-1, -2) @ rot_b.double()
-        U, _, Vh = torch.linalg.svd(D.mean(0))
-        d = torch.ones(3, dtype=D.dtype, device=D.device)
-        d[-1] = torch.sign(torch.det(U @ Vh))
-        R = U @ torch.diag(d) @ Vh
-        cos = ((R[None] * D).sum((-1, -2)) - 1) / 2  # trace(R^T D) = 1 + 2 cos(angle)
-        out.append(float(torch.rad2deg(torch.arccos(cos.clamp(-1, 1))).median()))
+        R = project_to_so3(D.mean(0))
+        out.append(float(geodesic_distance_deg(R.expand_as(D), D).median()))
     return out[0], out[1]
 
 

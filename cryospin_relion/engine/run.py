@@ -645,14 +645,19 @@ class AbinitEngine:
         sizes = self.class_sizes()
         for dst, src in reseed_plan(sizes, self.cfg.schedule.class_min_share * len(self.s1_idx) / self.K):
             self.volume.split(src, dst)
-            for opt in (self.models.opt_volume1, self.models.opt_volume2):
-                for p in self.volume[dst].parameters():
-                    opt.state.pop(p, None)
+            self._forget_volume_steps(dst)
             self.memories[dst].rotations.copy_(self.memories[src].rotations)
             self.memories[dst].shifts.copy_(self.memories[src].shifts)
             self.history.class_reseeds.append({"epoch": epoch, "class": dst, "from_class": src})
             log.info(f"class {dst + 1} held {sizes[dst]} of {len(self.s1_idx)} particles: re-seeded by splitting "
                      f"class {src + 1} ({sizes[src]})")
+
+    def _forget_volume_steps(self, k: int) -> None:
+        """Drop class ``k``'s volume state from both volume optimisers (Adam's moments): a re-seeded or emptied
+        class starts its steps afresh."""
+        for opt in (self.models.opt_volume1, self.models.opt_volume2):
+            for p in self.volume[k].parameters():
+                opt.state.pop(p, None)
 
     @torch.no_grad()
     def _empty_duplicate_classes(self, epoch: int) -> None:
@@ -667,9 +672,7 @@ class AbinitEngine:
         sizes = self.class_sizes()
         for drop, keep, spread in duplicate_classes(rots, self.classes[rows], deg):
             self.volume.clear(drop)
-            for opt in (self.models.opt_volume1, self.models.opt_volume2):
-                for p in self.volume[drop].parameters():
-                    opt.state.pop(p, None)
+            self._forget_volume_steps(drop)
             self.classes[self.classes == drop] = keep
             self.history.class_merges.append({"epoch": epoch, "class": drop, "into_class": keep,
                                               "spread_deg": round(spread, 2)})

@@ -30,17 +30,9 @@ import numpy as np
 import torch
 
 from cryospin_relion.geometry.hand import MIRROR
-from cryospin_relion.geometry.rotations import geodesic_distance_deg
+from cryospin_relion.geometry.rotations import geodesic_distance_deg, project_to_so3
 
 __all__ = ["PoseAlignment", "align_pose_sets", "fit_global_rotation", "pose_errors", "match_particles"]
-
-
-def _project_so3(S: torch.Tensor) -> torch.Tensor:
-    """Rotation H maximising tr(H^T S)."""
-    U, _, Vh = torch.linalg.svd(S)
-    d = torch.sign(torch.det(U @ Vh))
-    D = torch.diag(torch.tensor([1.0, 1.0, float(d)], dtype=S.dtype))
-    return U @ D @ Vh
 
 
 def fit_global_rotation(A_true: np.ndarray, A_est: np.ndarray, n_candidates: int = 256, seed: int = 0,
@@ -67,7 +59,7 @@ def fit_global_rotation(A_true: np.ndarray, A_est: np.ndarray, n_candidates: int
         if int(inl.sum()) < 3:
             break
         S = (At[inl].transpose(-1, -2) @ Ae[inl]).sum(0)
-        Hb = _project_so3(S)
+        Hb = project_to_so3(S)
     e = geodesic_distance_deg(At @ Hb, Ae)
     return Hb.numpy(), e.numpy()
 

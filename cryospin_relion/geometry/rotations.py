@@ -151,6 +151,15 @@ def geodesic_distance_deg(R1: Tensor, R2: Tensor) -> Tensor:
     return torch.rad2deg(torch.acos(((tr - 1.0) / 2.0).clamp(-1.0, 1.0)))
 
 
+def project_to_so3(S: Tensor) -> Tensor:
+    """The rotation H (3, 3) maximising tr(H^T S) for a (3, 3) matrix S, e.g. a sum or mean of rotations (their
+    chordal mean): H = U diag(1, 1, det(U V^T)) V^T from the SVD S = U Sigma V^T."""
+    U, _, Vh = torch.linalg.svd(S)
+    d = torch.ones(3, dtype=S.dtype, device=S.device)
+    d[-1] = torch.sign(torch.det(U @ Vh))
+    return U @ torch.diag(d) @ Vh
+
+
 def rotation_angle_deg(R: Tensor) -> Tensor:
     """Rotation angle in degrees of R, (..., 3, 3) -> (...): its geodesic distance from the identity."""
     return geodesic_distance_deg(torch.eye(3, dtype=R.dtype, device=R.device), R)
