@@ -1,6 +1,7 @@
 """Classes (#12) on a whole pipeline: a two-structure mixture and a junk set (prints figures; not a test).
 
     python bench/classes.py [--n 2000] [--box 32] [--snr 0.5] [--j 2] [--seed 0] [--quick] [--work DIR]
+                            [--runs mixture:1,mixture:2,mixture:3,junk:1,junk:3]
 
 1. Data: two pseudo-atomic maps A and B (atoms_map seeds 3 and 11), relion_project --ctf
    at random poses with random shifts (rlnOriginX/YAngst, which relion_project applies),
@@ -14,7 +15,9 @@
    map.mrc) against its truth (``cryospin compare``: aligned over rotations and the hand),
    against relion_reconstruct --ctf of that truth's own particles with the true poses (the
    known-pose limit); the share of the junk outside the main class (the class with most
-   true-A particles); the ROC AUC of rlnMaxValueProbDistribution for A against junk.
+   true-A particles); the ROC AUC of rlnMaxValueProbDistribution for A against junk; each
+   class's pose error against the projections' poses, up to one rotation and the hand
+   (``pose_error_deg``: about 4 degrees where a class formed).
 Targets (#12): K=2 accuracy >= 90%, class maps <= 1.3x the known-pose limit; K=3 junk
 outside the main class >= 70%, main class at least as good as K=1; AUC >= 0.8 at K=1;
 wall K=3 < 2x K=1.
@@ -33,7 +36,10 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pandas as pd
+import torch
 
+from cryospin_relion.engine.classes import relation_spread_deg
+from cryospin_relion.geometry.rotations import euler_to_matrix
 from cryospin_relion.io.mrc import write_mrc, write_stack
 from cryospin_relion.io.star import load_star_blocks, write_star_blocks
 
@@ -111,11 +117,26 @@ def abinit(star: Path, work: Path, name: str, k: int, a: argparse.Namespace) -> 
     cls, conf = np.zeros(len(idx), int), np.zeros(len(idx))
     cls[idx] = parts["rlnClassNumber"].to_numpy() - 1 if "rlnClassNumber" in parts else 0
     conf[idx] = parts["rlnMaxValueProbDistribution"].to_numpy()
+    rot = np.zeros((len(idx), 3, 3))
+    rot[idx] = rotations(parts)
     maps = {c["class"] - 1: out / c["map"] for c in summary.get("classes", [])} or {0: out / "map.mrc"}
-    return {"wall": wall, "cls": cls, "conf": conf, "maps": maps, "k": k}
+    return {"wall": wall, "cls": cls, "conf": conf, "maps": maps, "k": k, "rot": rot}
 
 
-def score(r: dict, star: Path, truth: np.ndarray, known: dict[int, float]) -> dict:
+def rotations(parts: pd.DataFrame) -> np.ndarray:
+    """(n, 3, 3) rotation matrices of a particles table's rlnAngleRot/Tilt/Psi (RELION's ZYZ convention)."""
+    eul = torch.from_numpy(parts[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(np.float64))
+    return euler_to_matrix(eul).numpy()
+
+
+def pose_error_deg(true_rot: np.ndarray, found: np.ndarray) -> float:
+    """How far found poses are from the true ones up to the map's arbitrary orientation and hand: the median
+    deviation of true_i^T found_i from its mean rotation, the better hand (``relation_spread_deg``; about 4
+    degrees when a class has formed, 40-120 when it has not)."""
+    return min(relation_spread_deg(torch.from_numpy(true_rot), torch.from_numpy(found)))
+
+
+def score(r: dict, star: Path, truth: np.ndarray, known: dict[int, float], true_rot: np.ndarray) -> dict:
     """Each class counted as its majority truth: accuracy, sizes, and FSC 0.5 of the class maps against it."""
     conf_mat = np.array([[np.sum((r["cls"] == c) & (truth == t)) for t in range(len(NAMES))] for c in range(r["k"])])
     major = conf_mat.argmax(1)
@@ -127,9 +148,12 @@ def score(r: dict, star: Path, truth: np.ndarray, known: dict[int, float]) -> di
         t = int(major[c]) if major[c] < 2 else 0  # a junk class's map is compared with A
         fscs[c] = (NAMES[t], compare(m, star.parent / f"truth_{NAMES[t]}.mrc", m.parent / f"compare_{NAMES[t]}.json"),
                    known[t])
+    pose = {c: pose_error_deg(true_rot[sel], r["rot"][sel]) for c in range(r["k"])
+            if major[c] < 2 and (sel := (r["cls"] == c) & (truth == major[c])).sum() >= 10}
     main = int(conf_mat[:, 0].argmax())
     junk = truth == 2
     return {"acc": conf_mat[np.arange(r["k"]), major].sum() / len(truth), "conf_mat": conf_mat, "fscs": fscs,
+            "pose_deg": pose,
             "main": main, "junk_out": float(np.mean(r["cls"][junk] != main)) if junk.any() else float("nan"),
             "auc": auc(r["conf"][truth == 0], r["conf"][junk]) if junk.any() else float("nan")}
 
@@ -143,6 +167,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="short abinit schedule")
     p.add_argument("--work", default="bench_classes_work")
+    p.add_argument("--runs", default="mixture:1,mixture:2,mixture:3,junk:1,junk:3",
+                   help="the abinit runs, DATA:K separated by commas (default all five)")
     a = p.parse_args()
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -173,11 +199,13 @@ def main() -> None:
     print(f"known poses (relion_reconstruct --ctf, true members): mixture A {known[mix][0]:.2f} A, "
           f"B {known[mix][1]:.2f} A; junk set A {known[jnk][0]:.2f} A", flush=True)
 
+    true_rot = {d: rotations(load_star_blocks(d)["particles"]) for d in (mix, jnk)}  # the projections' poses
+    runs = [(x.split(":")[0], int(x.split(":")[1])) for x in a.runs.split(",")]
     rows = []
-    for star, label, ks in ((mix, "mixture", (1, 2, 3)), (jnk, "junk", (1, 3))):
-        for k in ks:
+    for star, label in ((mix, "mixture"), (jnk, "junk")):
+        for k in [k for name, k in runs if name == label]:
             r = abinit(star, work, f"{label}_k{k}", k, a)
-            s = score(r, star, truths[star], known[star])
+            s = score(r, star, truths[star], known[star], true_rot[star])
             rows.append((label, k, r, s))
             cols = [NAMES[t] for t in np.unique(truths[star])]
             cm = s["conf_mat"]
@@ -189,7 +217,7 @@ def main() -> None:
           "vs the truth after alignment; each class counted as the truth most of its particles have "
           "(K=2 mixture: the best label permutation); main = the class with most true-A particles")
     print(f"  {'K':>2s} {'data':8s} {'wall s':>7s} {'acc / junk out':>16s}  {'class FSC0.5 A (truth)':36s} "
-          f"{'known-pose A':26s} {'ratio':24s} {'AUC':>6s}")
+          f"{'known-pose A':26s} {'ratio':24s} {'AUC':>6s}  pose error deg (up to one rotation and the hand)")
     for label, k, r, s in rows:
         key = f"{s['acc']:.1%}" if label == "mixture" else f"{s['junk_out']:.1%} (main {s['main'] + 1})"
         fs = sorted(s["fscs"].items())
@@ -197,9 +225,12 @@ def main() -> None:
         kn = " ".join(f"{c + 1}:{v[2]:.2f}" for c, v in fs)
         ratio = " ".join(f"{c + 1}:{v[1] / v[2]:.2f}x" for c, v in fs)
         auc_s = "-" if np.isnan(s["auc"]) else f"{s['auc']:.3f}"
-        print(f"  {k:2d} {label:8s} {r['wall']:7.0f} {key:>16s}  {cls:36s} {kn:26s} {ratio:24s} {auc_s:>6s}")
+        pose = " ".join(f"{c + 1}:{v:.1f}" for c, v in sorted(s["pose_deg"].items()))
+        print(f"  {k:2d} {label:8s} {r['wall']:7.0f} {key:>16s}  {cls:36s} {kn:26s} {ratio:24s} {auc_s:>6s}  {pose}")
     wall = {(label, k): r["wall"] for label, k, r, _ in rows}
     junk = {k: s for label, k, _, s in rows if label == "junk"}
+    if not {("mixture", 1), ("mixture", 2), ("mixture", 3), ("junk", 1), ("junk", 3)} <= set(wall):
+        return  # the targets below compare the five runs
     main3 = junk[3]["fscs"][junk[3]["main"]][1]
     print(f"\nwall mixture K=2 / K=1 {wall['mixture', 2] / wall['mixture', 1]:.2f}x, "
           f"K=3 / K=1 {wall['mixture', 3] / wall['mixture', 1]:.2f}x (target K=3 < 2x); junk K=3 / K=1 "
