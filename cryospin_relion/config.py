@@ -154,6 +154,10 @@ class ScheduleConfig:
         30.0, "K > 1: after the annealing, of two classes whose poses of the same particles differ by one fixed "
         "rotation (median deviation below this, degrees; either hand) the smaller is emptied, its particles join "
         "the larger (0 = never; default {default})", flag=True, metavar="DEG", group=GROUP_CLASSES)
+    class_reform_epochs: int = opt(
+        6, "K > 1: when the annealing ends, each class but the largest is formed again alone, from random poses, "
+        "on its own particles for this many epochs, and replaced where the new one fits them better (0 = never; "
+        "default {default})", flag=True, metavar="E", group=GROUP_CLASSES)
     c2f_start: float = opt(0.375, "first Fourier box as a fraction of the working box (12 at box 32)")
     c2f_epochs: int | None = opt(None, "epochs to reach the full box; null = min_epochs_amortized + 1")
 
@@ -348,6 +352,8 @@ class AbinitConfig:
                 bad(name, "must be 0 or an even number >= 8")
         if not 0 <= d["class_similarity"] <= 1:
             bad("class_similarity", "must be in [0, 1]")
+        if d["class_reform_epochs"] < 0:
+            bad("class_reform_epochs", "must be >= 0 (0 = never)")
         if not 0 <= d["class_duplicate_deg"] <= 180:
             bad("class_duplicate_deg", "must be in [0, 180] (0 = never)")
         for name in ("mask_radius", "c2f_start"):

@@ -176,7 +176,9 @@ def test_summary_table_and_report_pages(three, tmp_path):
     history = {"epoch": [1, 2, 3, 4], "stage": [1, 1, 2, 2], "loss": [1.0, 0.8, 0.6, 0.5],
                "class_sizes": [[40, 30, 30], [50, 40, 10], [70, 50, 3], [70, 50, 3]],
                "class_reseeds": [{"epoch": 2, "class": 2, "from_class": 0}],
-               "class_merges": [{"epoch": 3, "class": 2, "into_class": 0, "spread_deg": 4.2}]}
+               "class_merges": [{"epoch": 3, "class": 2, "into_class": 0, "spread_deg": 4.2}],
+               "class_reforms": [{"epoch": 2, "class": 1, "particles": 40, "loss": 0.9, "reformed_loss": 0.8,
+                                  "replaced": True}]}
     write_report(out, res, history, summary, LOG)
     assert (out / PDF_NAME).stat().st_size > 0
     for png in CLASS_PNG_NAMES.values():

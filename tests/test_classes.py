@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from cryospin_relion.config import AbinitConfig, ScheduleConfig
-from cryospin_relion.engine.classes import (class_weights, duplicate_classes, relation_spread_deg, reseed_plan,
-                                            similarity_at)
+from cryospin_relion.engine.classes import (class_weights, duplicate_classes, reform_epoch, relation_spread_deg,
+                                            reseed_plan, similarity_at)
 from cryospin_relion.engine.run import AbinitEngine
 from cryospin_relion.evaluate.blobs import simulate_blobs
 from cryospin_relion.geometry.ctf import CTF
@@ -158,6 +158,46 @@ def test_a_duplicate_class_is_emptied_after_the_annealing(mixture):
             assert eng.history.to_json()["class_merges"][0]["spread_deg"] < 10
         else:
             assert eng.class_sizes() == [80, 20] and torch.equal(eng.volume[1].grid(), before)
+
+
+def test_reform_epoch_follows_the_annealing_and_the_starts():
+    assert reform_epoch(ScheduleConfig(class_anneal_epochs=4, stage1_trials=3, stage1_trial_epochs=3)) == 4
+    assert reform_epoch(ScheduleConfig(class_anneal_epochs=2, stage1_trials=3, stage1_trial_epochs=3)) == 4
+    assert reform_epoch(ScheduleConfig(class_anneal_epochs=2, stage1_trials=1)) == 2
+    assert reform_epoch(ScheduleConfig(class_reform_epochs=0)) is None
+
+
+def test_a_class_that_did_not_form_is_formed_again_alone(mixture):
+    """Class 0 (the largest) is map A at the true poses of its particles; class 1, holding B's particles, is
+    empty (formed nothing). Formed again alone, class 1 fits its particles better and replaces the empty one
+    (its volume, its particles' poses in it, fresh Adam state); class 0 is not re-formed. When class 1 is map B
+    at the true poses, it is kept."""
+    d = mixture
+    for formed in (False, True):
+        eng = AbinitEngine(d["images"], torch.tensor(6.0), d["ctf"], _cfg(class_reform_epochs=2), "cpu")
+        with torch.no_grad():
+            # / 128: near the amplitude that fits the images best (the parameters are scaled by the preconditioner)
+            for k in range(2):
+                eng.volume[k].values.copy_(ht3_centered(d["vols"][k].double()).float() / 128)
+            if not formed:
+                eng.volume[1].values.zero_()
+        for m in eng.memories:
+            m.rotations.copy_(d["R"].float())
+            m.shifts.copy_(d["t"].float())
+        eng.classes = torch.from_numpy(d["truth"].copy())
+        eng.models.opt_volume1.state[eng.volume[1].values] = {"step": torch.tensor(3.0)}
+        a0, b0, r1 = eng.volume[0].grid().detach().clone(), eng.volume[1].grid().detach().clone(), d["R"].float()
+        eng._reform_classes(epoch=1)
+        rec = eng.history.to_json()["class_reforms"]
+        assert [(r["class"], r["particles"], r["replaced"]) for r in rec] == [(1, 40, not formed)]
+        assert (rec[0]["reformed_loss"] < rec[0]["loss"]) != formed
+        assert torch.equal(eng.volume[0].grid(), a0) and eng.class_sizes() == [60, 40]
+        assert torch.equal(eng.memories[1].rotations[:60], r1[:60])  # the other class's particles untouched
+        if formed:
+            assert torch.equal(eng.volume[1].grid(), b0) and torch.equal(eng.memories[1].rotations, r1)
+        else:  # its particles' poses in it: the re-formed ones, its Adam state dropped
+            assert eng.volume[1].grid().abs().sum() > 0 and eng.volume[1].values not in eng.models.opt_volume1.state
+            assert not torch.equal(eng.memories[1].rotations[60:], r1[60:])
 
 
 def test_k2_run_resumes_identically_and_records_classes(mixture):

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from cryospin_relion.config import ScheduleConfig
 from cryospin_relion.engine.forward import Batch
+from cryospin_relion.engine.schedule import trial_epochs
 from cryospin_relion.engine.stage1 import SearchResult, WinnerTerms, batch_rows, candidate_losses, winner_terms
 from cryospin_relion.geometry.hand import flip_poses_hand
 from cryospin_relion.geometry.rotations import geodesic_distance_deg, project_to_so3
@@ -61,6 +62,15 @@ def similarity_at(cfg: ScheduleConfig, epoch: int) -> float:
     if E <= 0 or epoch >= E:
         return 0.0
     return cfg.class_similarity * (1.0 - epoch / E)
+
+
+def reform_epoch(cfg: ScheduleConfig) -> int | None:
+    """The stage-1 epoch (1-based) after which every class is formed again alone (``class_reform_epochs``; None =
+    never): the end of the annealing (hard assignments from then on), and after the stage-1 starts."""
+    if cfg.class_reform_epochs <= 0:
+        return None
+    starts = trial_epochs(cfg) if cfg.stage1_trials > 1 else 0
+    return max(cfg.class_anneal_epochs, starts + 1, 1)
 
 
 def class_weights(losses: Tensor, similarity: float) -> Tensor:

@@ -128,6 +128,9 @@ class History:
     class_reseeds: list[dict] = field(default_factory=list)  # K > 1: {"epoch", "class", "from_class"} (0-based)
     # K > 1: {"epoch", "class", "into_class", "spread_deg"}: a class emptied as a duplicate (engine/classes.py)
     class_merges: list[dict] = field(default_factory=list)
+    # K > 1: {"epoch", "class", "particles", "loss", "reformed_loss", "replaced"} (0-based classes; run.py
+    # ``_reform_classes``)
+    class_reforms: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.epochs)
@@ -164,6 +167,8 @@ class History:
             out["class_reseeds"] = list(self.class_reseeds)
         if self.class_merges:
             out["class_merges"] = list(self.class_merges)
+        if self.class_reforms:
+            out["class_reforms"] = list(self.class_reforms)
         return out
 
     def state_dict(self) -> dict:
@@ -174,7 +179,8 @@ class History:
         return cls(epochs=[EpochRecord(**e) for e in d["epochs"]], switch_epoch=d["switch_epoch"],
                    trials=None if d["trials"] is None else TrialsRecord(**d["trials"]), assign_s=d["assign_s"],
                    first_poses=None if d.get("first_poses") is None else FirstPoseRecord(**d["first_poses"]),
-                   class_reseeds=list(d.get("class_reseeds", [])), class_merges=list(d.get("class_merges", [])))
+                   class_reseeds=list(d.get("class_reseeds", [])), class_merges=list(d.get("class_merges", [])),
+                   class_reforms=list(d.get("class_reforms", [])))
 
 
 def epoch_line(rec: EpochRecord, seconds: float, explore: bool) -> str:

@@ -38,6 +38,18 @@ def _shared_if_constant(v: Tensor) -> Tensor:
     return v.contiguous()
 
 
+class RowView:
+    """Rows ``rows`` (sorted, CPU) of an (N, n, n) image array or tensor, read only when indexed: the images of
+    one class for its re-formation (run.py ``_reform_classes``) without a copy of them."""
+
+    def __init__(self, images, rows: Tensor):
+        self.images, self.rows = images, rows.cpu().numpy()
+        self.shape = (len(self.rows), *images.shape[1:])
+
+    def __getitem__(self, i):
+        return self.images[self.rows[i]]
+
+
 class ParticleImages:
     """Images (N, n, n) (host), pixel sizes (N,) and CTFs (or None) on ``device``."""
 

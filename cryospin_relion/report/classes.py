@@ -4,7 +4,8 @@ resolution, and the central slices of every class map.
 Inputs are plain data: ``history.json``'s ``"class_sizes"`` (one list of K counts per epoch, None for an
 epoch without classes; stage-1 epochs count the stage-1 subset, stage-2 epochs all particles) and
 ``"class_reseeds"`` ({"epoch", "class", "from_class"}, 0-based classes) and ``"class_merges"`` ({"epoch",
-"class", "into_class", "spread_deg"}: a duplicate class emptied), and one entry per class
+"class", "into_class", "spread_deg"}: a duplicate class emptied) and ``"class_reforms"`` ({"epoch", "class",
+"replaced", ...}: a class formed again alone), and one entry per class
 {"class": 1-based, "n_particles", "resolution_A" (None: no maps), "map": (n, n, n) or None}.
 """
 
@@ -73,6 +74,11 @@ def plot_class_sizes(history: Mapping[str, Any] | None, classes: Sequence[Mappin
             ax.axvline(float(r["epoch"]), color=f"C{int(r['class']) % 10}", ls="-.", lw=1.2)
         if (history or {}).get("class_merges"):
             ax.plot([], [], "k-.", lw=1.2, label="duplicate emptied (class colour)")
+        reformed = [r for r in (history or {}).get("class_reforms") or [] if r.get("replaced")]
+        for r in reformed:
+            ax.axvline(float(r["epoch"]), color=f"C{int(r['class']) % 10}", ls=(0, (6, 2)), lw=1.2)
+        if reformed:
+            ax.plot([], [], color="k", ls=(0, (6, 2)), lw=1.2, label="formed again alone (class colour)")
         ax.set_ylim(0, 100)
         ax.legend(fontsize=8, loc="best")
         ax.grid(alpha=0.3)
