@@ -92,7 +92,7 @@ class AbinitEngine:
 
     def __init__(self, images, apix_work, ctf: CTF | None, config: AbinitConfig,
                  device: str | torch.device = "cpu", progress: Progress | None = None, world: World = ALONE,
-                 volume_constraint: "SymmetricUpdates | None" = None):
+                 volume_constraint: "SymmetricUpdates | None" = None, radial_scale: Tensor | None = None):
         self.cfg = config
         # applied to the volume after every batch's optimiser step(s), ``start`` at each epoch's (re)start
         # (model/volume.py SymmetricUpdates: --sym-mode impose; built by the lifecycle)
@@ -111,7 +111,9 @@ class AbinitEngine:
         self.max_shift = config.model.shift_bound(self.box)
         o = config.optim
         self.table = PoseTable(self.N, self.device, o.lr_pose, o.lr_shift, o.pose_betas, max_shift=self.max_shift)
-        self._radial = self.data.radial_scale()
+        # the volume's radial preconditioner: from the images, or given (a class formed again alone takes its
+        # run's, so that its volume's parameters mean what the class's do)
+        self._radial = self.data.radial_scale() if radial_scale is None else radial_scale
         # the encoder sees the images Fourier-cropped to stage 1's largest Fourier box: stage 1 resolves
         # nothing finer, and the CNN costs box^2 (the paper preset 4x less at box 64)
         self.encoder_box = stage1_cap(config.schedule, self.box)
@@ -601,8 +603,9 @@ class AbinitEngine:
             if self.K > 1 and e + 1 == reform_epoch(cfg.schedule):  # ... and form each class again alone
                 t0 = time.perf_counter()
                 self._reform_classes(e + 1)
-                rec.time_s += time.perf_counter() - t0
-                rec.epoch_time_s += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                rec.time_s += dt
+                rec.epoch_time_s += dt
             if should_switch(cfg.schedule, e + 1, change):
                 if len(self.s1_idx) < self.N:
                     t0 = time.perf_counter()
@@ -752,9 +755,8 @@ class AbinitEngine:
         level = log.level
         log.setLevel(logging.WARNING)  # its epochs are not this run's
         try:
-            alone = AbinitEngine(RowView(self.data.images, rows), self.data.apix[dev_rows], ctf, cfg, self.device)
-            alone._radial = self._radial
-            alone._init_model(0)
+            alone = AbinitEngine(RowView(self.data.images, rows), self.data.apix[dev_rows], ctf, cfg, self.device,
+                                 radial_scale=self._radial)
             if E > trial_epochs(sched) and alone._trials_pending():
                 alone._run_trials(lambda: False)
             while alone.epoch < E:
