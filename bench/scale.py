@@ -13,12 +13,13 @@ relion_project's (tests/relion/test_relion_project.py).
 
 Per N (each program its own process): wall seconds of stage 1 (with the starts),
 of the first-pose pass of the particles outside the stage-1 subset, of stage 2 and
-of the final outputs; the stage-2 images/s; the peak anonymous memory of the run
-(RssAnon summed over its processes, polled every 0.5 s: it leaves out the
-memory-mapped image cache, which the kernel can drop); the resolution at FSC 0.5
-against the ground truth of a backprojection with the run's poses, after aligning
-it to the truth (rotation, translation, mirror: `cryospin compare`), and of one
-with the true poses; their ratio. A second table gives, per stage-2 epoch, the
+of the final outputs; the CPU seconds of all its processes (with --ranks G, about
+those of one process where the ranks share the work); the stage-2 images/s; the
+peak anonymous memory of the run (RssAnon summed over its processes, polled every
+0.5 s: it leaves out the memory-mapped image cache, which the kernel can drop);
+the resolution at FSC 0.5 against the ground truth of a backprojection with the
+run's poses, after aligning it to the truth (rotation, translation, mirror:
+`cryospin compare`), and of one with the true poses; their ratio. A second table gives, per stage-2 epoch, the
 loss and the median pose change (degrees): the loss must not rise and the change
 must fall at every N. Writes --work/scale.png (wall time against N).
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -62,8 +64,9 @@ def descendants(pid: int) -> list[int]:
 
 
 def run(cmd: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run ``cmd``; wall seconds and the peak RssAnon (MB) of it and its children."""
-    t0, peak = time.perf_counter(), 0
+    """Run ``cmd``; wall seconds, CPU seconds (user + system, of it and every process it waited for: all the
+    ranks under torchrun) and the peak RssAnon (MB) of it and its children."""
+    t0, peak, before = time.perf_counter(), 0, resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         while p.poll() is None:
@@ -71,7 +74,9 @@ def run(cmd: list[str], log: Path, env: dict | None = None) -> dict:
             time.sleep(0.5)
     if p.returncode:
         sys.exit(f"failed ({p.returncode}): {' '.join(cmd)}; see {log}")
-    return {"wall_s": time.perf_counter() - t0, "rss_anon_mb": peak / 1024}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall_s": time.perf_counter() - t0, "cpu_s": cpu, "rss_anon_mb": peak / 1024}
 
 
 def make_dataset(data: Path, n: int, box: int, snr: float, seed: int) -> None:
@@ -148,14 +153,15 @@ def main() -> None:
 
 def report(rows: dict, a: argparse.Namespace, work: Path) -> None:
     print(f"\ncryospin abinit, box {a.box}, SNR {a.snr}, {a.ranks} rank(s), device {a.device}, --j {a.j}")
-    print("| N | stage 1 s | first poses s | stage 2 s | outputs s | total s | stage-2 img/s | peak RssAnon MB | "
-          "FSC0.5 A | true poses A | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| N | stage 1 s | first poses s | stage 2 s | outputs s | total s | CPU s | stage-2 img/s | "
+          "peak RssAnon MB | FSC0.5 A | true poses A | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n, r in rows.items():
         s = r["summary"]
         s1 = s.get("stage1_s", float("nan"))
         print(f"| {n} | {s1:.0f} | {r['first_poses_s']:.0f} | {s.get('stage2_s', float('nan')):.0f} | "
-              f"{s.get('final_outputs_s', float('nan')):.0f} | {r['wall_s']:.0f} | {r['s2_img_s']:.0f} | "
+              f"{s.get('final_outputs_s', float('nan')):.0f} | {r['wall_s']:.0f} | {r.get('cpu_s', float('nan')):.0f} | "
+              f"{r['s2_img_s']:.0f} | "
               f"{r['rss_anon_mb']:.0f} | {r['res']:.2f} | {r['res_true']:.2f} | {r['res'] / r['res_true']:.2f} |")
     print("\nstage-2 epochs: loss / median pose change (deg)")
     for n, r in rows.items():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -46,12 +45,8 @@ def _cmd(star: Path, out: Path, ranks: int, *extra: str) -> list[str]:
             "-m", "cryospin_relion.cli", *args]
 
 
-def _run_timed(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
-    """The finished process and the CPU seconds (user + system) of it and every process it waited for."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return done, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
 
 
 def _rotations(star: Path) -> Rotation:
@@ -69,9 +64,9 @@ def _agree(a: Path, b: Path) -> tuple[np.ndarray, float]:
 
 
 def test_two_ranks_equal_one_process_and_share_the_work(star, tmp_path):
-    one, cpu_one = _run_timed(_cmd(star, tmp_path / "one", 1))
+    one = _run(_cmd(star, tmp_path / "one", 1))
     assert one.returncode == 0, one.stderr
-    two, cpu_two = _run_timed(_cmd(star, tmp_path / "two", 2))
+    two = _run(_cmd(star, tmp_path / "two", 2))
     assert two.returncode == 0, two.stderr
     # the same steps: the epochs' losses agree (stage 1 to float precision; stage 2 drifts a little, as the
     # per-row Adam steps of poses near their optimum turn float-order differences into small moves)
@@ -90,17 +85,14 @@ def test_two_ranks_equal_one_process_and_share_the_work(star, tmp_path):
     log = (tmp_path / "two" / "run.log").read_text()
     assert "2 ranks (data parallel)" in log
     assert two.stdout == "" and "Traceback" not in two.stderr
-    # the ranks share the work: 2 ranks at --j 1 cost well under twice the CPU of one process
-    # (what is not shared: start-up, the per-batch slices of the global scan's rotations, the collectives)
-    # start-up (imports, checks; torchrun's agent) measured by dry runs and left out. Measured on 2 cores:
-    # 15.6 against 12.4 CPU s on a quiet machine, 24.3 against 13.0 on a loaded one. What is not shared: the
-    # per-batch work of the global scan (the slices of its 4,608 rotations, made by each rank) and the
-    # collectives, large at these tiny batches. Ranks that each did the whole work would cost 2x or more.
-    _, dry_one = _run_timed(_cmd(star, tmp_path / "dry1", 1, "--dry-run"))
-    _, dry_two = _run_timed(_cmd(star, tmp_path / "dry2", 2, "--dry-run"))
-    work_one, work_two = cpu_one - dry_one, cpu_two - dry_two
-    print(f"CPU s beyond start-up: 2 ranks {work_two:.1f}, 1 process {work_one:.1f}")
-    assert work_two < 1.95 * work_one, f"CPU s beyond start-up: 2 ranks {work_two:.1f}, 1 process {work_one:.1f}"
+    # the ranks share the work: in every epoch each rank computed its half of the images of the one process's
+    # epoch (what a rank that did the whole batch would double). The CPU time of 2 ranks against one process is
+    # a figure of bench/scale.py (--ranks), not of a test: at this size start-up and reports outweigh training.
+    r1, r2 = (json.loads((tmp_path / d / "history.json").read_text())["rank_images"] for d in ("one", "two"))
+    for e, (a, b) in enumerate(zip(r1, r2, strict=True)):
+        assert len(a) == 1 and len(b) == 2 and sum(b) == a[0], (e, a, b)
+        assert min(b) >= 0.45 * a[0], f"epoch {e + 1}: images per rank {b} of {a[0]}"
+    assert "images per rank" in log
 
 
 def _children(pid: int) -> list[int]:
@@ -168,7 +160,7 @@ def test_two_ranks_with_two_classes(star, tmp_path):
     the first-pose pass over the classes, stage-2 moves, per-class scores and maps) completes on both ranks,
     and the outputs are a K = 2 run's."""
     out = tmp_path / "k2"
-    done, _ = _run_timed(_cmd(star, out, 2, "--classes", "2", "--explore-candidates", "512",
+    done = _run(_cmd(star, out, 2, "--classes", "2", "--explore-candidates", "512",
                               "--json-summary", str(tmp_path / "s.json")))
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "s.json").read_text())

@@ -68,7 +68,7 @@ def restore_engine(eng, d: dict) -> None:
     eng.prev_R = None if d["prev_R"] is None else d["prev_R"].to(eng.device)
     eng.epoch, eng.stage, eng.batch_pos = d["epoch"], d["stage"], d["batch_pos"]
     eng.trial = int(d["trial"])
-    eng.tally = EpochTally.from_state(d["tally"])
+    eng.tally = EpochTally.from_state(d["tally"], eng.world.size)
     eng.history = History.from_state(d["history"])
     # recomputed, not read: --continue may lengthen a finished run (epochs_autodecode is resumable)
     sw = eng.history.switch_epoch

@@ -25,21 +25,28 @@ class EpochTally:
     reports the same figures as an uninterrupted one)."""
 
     heads: int
+    ranks: int = 1
     loss_sum: float = 0.0
     count: int = 0
     time_s: float = 0.0
     wins: list[int] = field(default_factory=list)  # per head: images where it was the best head
     sources: list[int] = field(default_factory=lambda: [0] * len(WINNER_SOURCES))
+    rank_images: list[int] = field(default_factory=list)  # per rank: the images it computed
 
     def __post_init__(self):
         if not self.wins:
             self.wins = [0] * self.heads
+        if not self.rank_images:
+            self.rank_images = [0] * self.ranks
 
     def add(self, loss: float, n: int, seconds: float, wins: list[int] | None = None,
-            sources: list[int] | None = None) -> None:
+            sources: list[int] | None = None, rank_images: list[int] | None = None) -> None:
+        """One batch: its mean loss over its ``n`` images (all ranks), its seconds; ``rank_images``: how many of
+        them each rank computed (None: all of them by the one process)."""
         self.loss_sum += loss * n
         self.count += n
         self.time_s += seconds
+        self.rank_images = [a + int(x) for a, x in zip(self.rank_images, rank_images or [n])]
         if wins is not None:
             self.wins = [a + int(x) for a, x in zip(self.wins, wins)]
         if sources is not None:
@@ -57,8 +64,13 @@ class EpochTally:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_state(cls, d: dict) -> "EpochTally":
-        return cls(**d)
+    def from_state(cls, d: dict, ranks: int = 1) -> "EpochTally":
+        """The tally of a checkpoint, resumed on ``ranks`` ranks (a resume on another number of ranks counts the
+        per-rank images of the running epoch from the resume on)."""
+        t = cls(**d)
+        if len(t.rank_images) != ranks:
+            t.ranks, t.rank_images = ranks, [0] * ranks
+        return t
 
 
 @dataclass
@@ -82,6 +94,9 @@ class EpochRecord:
     switched: bool  # stage 2 starts after this epoch
     class_sizes: list[int] | None = None  # K > 1: particles per class at the epoch's end (stage 1: its subset)
     class_moves: int | None = None  # K > 1, stage 2: particles that changed class after the epoch
+    # per rank: the images it computed in the epoch's batches (one entry alone; with G ranks each has about
+    # 1/G of them: the work is shared, engine/distributed.py)
+    rank_images: list[int] | None = None
 
 
 @dataclass
@@ -193,6 +208,8 @@ def epoch_line(rec: EpochRecord, seconds: float, explore: bool) -> str:
         msg += " heads " + "/".join(f"{100 * s:.0f}" for s in rec.head_win_share) + "%"
         if explore:
             msg += " winners " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in rec.winner_source_share.items())
+    if rec.rank_images is not None and len(rec.rank_images) > 1:
+        msg += " images per rank " + "/".join(map(str, rec.rank_images))
     if rec.class_sizes is not None:
         msg += " classes " + "/".join(map(str, rec.class_sizes))
         if rec.class_moves is not None:

@@ -150,7 +150,7 @@ class AbinitEngine:
         self.batch_pos = 0  # completed batches in the current epoch
         self.done = False
         self.prev_R: Tensor | None = None  # remembered (stage 1) / table (stage 2) poses at the last epoch end
-        self.tally = EpochTally(self.cfg.model.heads)
+        self.tally = EpochTally(self.cfg.model.heads, self.world.size)
         self.history = History()
 
     @property
@@ -315,8 +315,8 @@ class AbinitEngine:
                         wins = sources = None
                     if self.volume_constraint is not None:
                         self.volume_constraint(self.volume)
-                    loss, n, wins, sources = self._sum_batch_figures(loss, n, wins, sources)
-                    self.tally.add(loss, n, time.perf_counter() - t0, wins, sources)
+                    loss, n, wins, sources, per_rank = self._sum_batch_figures(loss, n, wins, sources)
+                    self.tally.add(loss, n, time.perf_counter() - t0, wins, sources, per_rank)
                     self.batch_pos = bi + 1
                     self.progress.update(self.tally.loss, self.tally.images_per_s)
                     if self.batch_pos < len(batches) and should_stop():
@@ -355,16 +355,20 @@ class AbinitEngine:
         self.world.sum_grads([*self.encoder.parameters(), *self.volume.parameters()])
 
     def _sum_batch_figures(self, loss: float, n: int, wins, sources):
-        """This batch's mean loss, image count, head wins and winner sources over all ranks."""
+        """This batch's mean loss, image count, head wins and winner sources over all ranks, and the images
+        each rank computed (None alone)."""
         w = self.world
         if w.alone:
-            return loss, n, wins, sources
-        v = w.sum_floats([loss * n, float(n), *(wins or []), *(sources or [])])
-        tot = max(1.0, v[1])
+            return loss, n, wins, sources, None
+        mine = [0.0] * w.size
+        mine[w.rank] = float(n)
+        v = w.sum_floats([loss * n, float(n), *mine, *(wins or []), *(sources or [])])
+        mean, total = v[0] / max(1.0, v[1]), int(v[1])
+        per_rank, rest = [int(x) for x in v[2:2 + w.size]], [int(x) for x in v[2 + w.size:]]
         if self.stage == 1:
             m = self.cfg.model.heads
-            return v[0] / tot, int(v[1]), [int(x) for x in v[2:2 + m]], [int(x) for x in v[2 + m:]]
-        return v[0] / tot, int(v[1]), None, None
+            return mean, total, rest[:m], rest[m:], per_rank
+        return mean, total, None, None, per_rank
 
     def _stage1_batch(self, b: Batch, bi: int, dist: tuple[Tensor, int] | None = None
                       ) -> tuple[float, list[int], list[int]]:
@@ -595,7 +599,8 @@ class AbinitEngine:
             lr_pose=0.0 if self.stage == 1 else cfg.optim.lr_pose,
             head_wins=list(a.wins) if self.stage == 1 else None, head_win_share=share,
             winner_source_share=sources, pose_change_deg=None if math.isnan(change) else change, switched=False,
-            class_sizes=self.class_sizes() if self.K > 1 else None, class_moves=moved)
+            class_sizes=self.class_sizes() if self.K > 1 else None, class_moves=moved,
+            rank_images=list(a.rank_images))
         if self.stage == 1:
             if self.K > 1 and e + 1 >= cfg.schedule.class_anneal_epochs:  # ... merge duplicates (engine/classes.py)
                 self._empty_duplicate_classes(e + 1)
@@ -628,7 +633,7 @@ class AbinitEngine:
         log.info(epoch_line(rec, a.time_s, cfg.search.enabled))
         self.epoch += 1
         self.batch_pos = 0
-        self.tally = EpochTally(cfg.model.heads)
+        self.tally = EpochTally(cfg.model.heads, self.world.size)
         if self.stage == 2 and self.epoch >= h.switch_epoch + cfg.schedule.epochs_autodecode:
             self.done = True
 
