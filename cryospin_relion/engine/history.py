@@ -25,19 +25,21 @@ class EpochTally:
     reports the same figures as an uninterrupted one)."""
 
     heads: int
-    ranks: int = 1
     loss_sum: float = 0.0
     count: int = 0
     time_s: float = 0.0
     wins: list[int] = field(default_factory=list)  # per head: images where it was the best head
     sources: list[int] = field(default_factory=lambda: [0] * len(WINNER_SOURCES))
-    rank_images: list[int] = field(default_factory=list)  # per rank: the images it computed
+    rank_images: list[int] = field(default_factory=lambda: [0])  # per rank: the images it computed
 
     def __post_init__(self):
         if not self.wins:
             self.wins = [0] * self.heads
-        if not self.rank_images:
-            self.rank_images = [0] * self.ranks
+
+    @classmethod
+    def for_ranks(cls, heads: int, ranks: int) -> "EpochTally":
+        """An empty tally of a run of ``ranks`` ranks."""
+        return cls(heads, rank_images=[0] * ranks)
 
     def add(self, loss: float, n: int, seconds: float, wins: list[int] | None = None,
             sources: list[int] | None = None, rank_images: list[int] | None = None) -> None:
@@ -69,7 +71,7 @@ class EpochTally:
         per-rank images of the running epoch from the resume on)."""
         t = cls(**d)
         if len(t.rank_images) != ranks:
-            t.ranks, t.rank_images = ranks, [0] * ranks
+            t.rank_images = [0] * ranks
         return t
 
 

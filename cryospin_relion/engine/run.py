@@ -150,7 +150,7 @@ class AbinitEngine:
         self.batch_pos = 0  # completed batches in the current epoch
         self.done = False
         self.prev_R: Tensor | None = None  # remembered (stage 1) / table (stage 2) poses at the last epoch end
-        self.tally = EpochTally(self.cfg.model.heads, self.world.size)
+        self.tally = EpochTally.for_ranks(self.cfg.model.heads, self.world.size)
         self.history = History()
 
     @property
@@ -633,7 +633,7 @@ class AbinitEngine:
         log.info(epoch_line(rec, a.time_s, cfg.search.enabled))
         self.epoch += 1
         self.batch_pos = 0
-        self.tally = EpochTally(cfg.model.heads, self.world.size)
+        self.tally = EpochTally.for_ranks(cfg.model.heads, self.world.size)
         if self.stage == 2 and self.epoch >= h.switch_epoch + cfg.schedule.epochs_autodecode:
             self.done = True
 
