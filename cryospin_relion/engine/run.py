@@ -713,10 +713,10 @@ class AbinitEngine:
         alone form in 4 of 6 seeds) it did not rescue seed 2. A stop waits for it (a minute or so)."""
         s = self.cfg.schedule
         rows_all = self.estimated_rows()
-        sizes = self.class_sizes()
+        own, largest = self.classes[rows_all.to(self.device)].cpu(), int(np.argmax(self.class_sizes()))
         for k in range(self.K):
-            rows = rows_all[(self.classes[rows_all.to(self.device)] == k).cpu()]
-            if len(rows) < s.batch_size or k == int(np.argmax(sizes)):
+            rows = rows_all[own == k]
+            if len(rows) < s.batch_size or k == largest:
                 continue
             log.info(f"forming class {k + 1} ({len(rows)} particles) again alone for {s.class_reform_epochs} epochs")
             alone = self._formed_alone(k, rows)
