@@ -19,9 +19,9 @@ peak anonymous memory of the run (RssAnon summed over its processes, polled ever
 0.5 s: it leaves out the memory-mapped image cache, which the kernel can drop);
 the resolution at FSC 0.5 against the ground truth of a backprojection with the
 run's poses, after aligning it to the truth (rotation, translation, mirror:
-`cryospin compare`), and of one with the true poses; their ratio. A second table gives, per stage-2 epoch, the
-loss and the median pose change (degrees): the loss must not rise and the change
-must fall at every N. Writes --work/scale.png (wall time against N).
+`cryospin compare`), and of one with the true poses; their ratio. A second table
+gives, per stage-2 epoch, the loss and the median pose change (degrees): the loss
+must not rise and the change must fall at every N. Writes --work/scale.png (wall time against N).
 """
 
 from __future__ import annotations
