@@ -237,7 +237,7 @@ def test_volume_trained_by_overall_winner(tiny):
                 "l1", extra_rot=R_true[:, None], extra_shift=t_true[:, None], distill_weight=0.0)
     g_step = vol.values.grad.clone()
     vol.values.grad = None
-    per = per_image_loss(render(vol.slices(R_true), b.ctf, t_true, n), b.target, b.mask, "l1")
+    per = per_image_loss(render(vol.slices(R_true), b.ctf, t_true, n), b.target, b.mask_index, "l1")
     per.mean().backward()
     assert torch.allclose(g_step, vol.values.grad, atol=1e-6)
 
@@ -282,7 +282,7 @@ def test_recrop_equals_a_batch_prepared_at_the_smaller_box(tiny):
     idx = torch.arange(5)
     big, small = _batch(tiny, idx, 16), _batch(tiny, idx, 10)
     r = recrop(big, 10)
-    assert r.crop == 10 and torch.equal(r.mask, small.mask)
+    assert r.crop == 10 and torch.equal(r.mask_index, small.mask_index)
     assert torch.allclose(r.target, small.target, atol=1e-6)
     assert torch.allclose(r.ctf, small.ctf, atol=1e-6)
     assert recrop(big, 16) is big
@@ -300,11 +300,11 @@ def test_grid_scores_over_shifts_rank_like_the_l2_loss(tiny):
     ts = tiny["t"][:3, None].float() + shift_offsets(1.0, 1.0)[None]  # (3, 9, 2)
     assert ts.shape == (3, 9, 2)
     sc = grid_scores(vol, b, G, ts)  # (3, 9, 5)
-    K = int(b.mask.sum())
+    K = b.mask_index.numel()
     for i in range(3):
         sl = vol.slices(G, crop=12)
         ref = torch.stack([per_image_loss(render(sl, b.ctf[i:i + 1].expand(5, -1, -1), ts[i, t][None].expand(5, 2), n),
-                                          b.target[i:i + 1], b.mask, "l2") for t in range(9)])  # (9, 5)
+                                          b.target[i:i + 1], b.mask_index, "l2") for t in range(9)])  # (9, 5)
         diff = sc[i] - K * ref
         assert float(diff.max() - diff.min()) < 1e-3 * float(sc[i].abs().max())
     # the true pose at the true shift scores best among the 9 shifts

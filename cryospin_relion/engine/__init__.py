@@ -3,7 +3,8 @@
 - ``run.AbinitEngine``: the state of a run and its schedule (see its module docstring for the
   small interface the run lifecycle uses).
 - ``schedule``: Fourier box per epoch, batch order, every random seed (pure functions).
-- ``history``: the typed per-epoch records and their ``history.json`` layout.
+- ``history``: the typed per-epoch records and their ``history.json`` layout; ``tally``: a batch's figures
+  summed on the device, read by the host a few times per epoch.
 - ``particles``: the images, pixel sizes and CTFs as the engine reads them.
 - ``models``: the encoder, the volume and their optimisers; ``checkpoint``: the checkpoint layout;
   ``progress``: the sink the engine reports its progress to.

@@ -147,9 +147,10 @@ def duplicate_classes(rots: list[Tensor], classes: Tensor, max_spread_deg: float
 class ClassStep:
     """One stage-1 step with K classes: the mean loss of each image's winner, the best class (B,), and, in
     the best class, the best head (B,) (0..M-1), the overall winner's index (B,) (heads, then extra), and the
-    pose; ``rot`` / ``shift`` (K, B, ...) are each class's winning pose (for every class's pose memory)."""
+    pose; ``rot`` / ``shift`` (K, B, ...) are each class's winning pose (for every class's pose memory). The loss
+    is a 0-dim tensor on the device (as ``stage1.Stage1Result``)."""
 
-    loss: float
+    loss: Tensor
     best: Tensor
     win: Tensor
     overall: Tensor
@@ -204,7 +205,7 @@ def stage1_class_step(encoder, volumes, opt_encoder, opt_volume, batch: Batch, s
         reduce_grads()
     opt_encoder.step()
     opt_volume.step()
-    return ClassStep(float(loss.mean()) if B else 0.0, best, win, overall, R_all, t_all)
+    return ClassStep(loss.mean() if B else loss.new_zeros(()), best, win, overall, R_all, t_all)
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ Losses, per image, averaged over the masked coefficients:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -38,10 +39,11 @@ class Batch:
     images: Tensor  # (B, n, n) real images (encoder input)
     target: Tensor  # (B, c, c) cropped Hartley transform / n
     ctf: Tensor | None  # (B, c, c) CTF on the cropped grid, or None
-    mask: Tensor  # (c, c) bool
+    mask_index: Tensor  # (P,) long: the flat indices (into c * c) of the P frequencies inside the mask
     box: int  # n
     crop: int  # c
     cls: Tensor | None = None  # (B,) each image's class (0-based), for K class volumes; None with one volume
+    mask_radius: float = 1.0  # the mask's radius, fraction of the working-box Nyquist (``crop_mask``)
 
 
 def crop_mask(box: int, crop: int, mask_radius: float = 1.0, device=None) -> Tensor:
@@ -50,6 +52,21 @@ def crop_mask(box: int, crop: int, mask_radius: float = 1.0, device=None) -> Ten
     The strict ``< crop / 2`` leaves out the unpaired edge row/column of an even crop."""
     r = radius_grid_2d(crop, device=device)  # radius in pixels of the crop grid == full-box Fourier pixels
     return (r < crop / 2) & (r <= mask_radius * box / 2)
+
+
+@functools.lru_cache(maxsize=64)
+def mask_index(box: int, crop: int, mask_radius: float = 1.0, device: str = "cpu") -> Tensor:
+    """(P,) long: the flat indices (into crop * crop, ascending) of ``crop_mask``, on ``device``.
+
+    Why indices and not the boolean mask: ``x[..., mask]`` has a size that depends on the mask's values, so
+    on CUDA every such indexing (and its backward) waits for the GPU to tell the host that size. The indices
+    are made once per (box, crop, radius, device) and reused by every batch."""
+    return crop_mask(box, crop, mask_radius).reshape(-1).nonzero()[:, 0].to(device)
+
+
+def masked(x: Tensor, index: Tensor) -> Tensor:
+    """(..., c, c) -> (..., P): the coefficients at the flat indices ``index`` (``Batch.mask_index``)."""
+    return x.flatten(-2).index_select(-1, index)
 
 
 def ctf_cropped(box: int, crop: int, apix: Tensor, ctf: CTF) -> Tensor:
@@ -70,19 +87,20 @@ def prepare_batch(idx: Tensor, images: Tensor, apix: Tensor, ctf_params: CTF | N
     n = images.shape[-1]
     target = crop_centered_2d(ht2_centered(images), crop) / n
     ctf = None if ctf_params is None else ctf_cropped(n, crop, apix, ctf_params).to(images.dtype)
-    return Batch(idx, images, target.contiguous(), ctf, crop_mask(n, crop, mask_radius, images.device), n, crop)
+    return Batch(idx, images, target.contiguous(), ctf, mask_index(n, crop, mask_radius, str(images.device)), n, crop,
+                 mask_radius=mask_radius)
 
 
 def recrop(batch: Batch, crop: int) -> Batch:
     """The same batch at a smaller central Fourier box ``crop`` (even, <= batch.crop): target, CTF and mask
-    are the central crops of the batch's (the mask also keeps radius < crop / 2, as ``crop_mask``)."""
+    are the central crops of the batch's; the mask is ``crop_mask`` at ``crop`` (the batch's, cropped, with
+    radius < crop / 2)."""
     if crop >= batch.crop:
         return batch
-    mask = crop_centered_2d(batch.mask[None].float(), crop)[0] > 0.5
-    mask &= radius_grid_2d(crop, device=mask.device) < crop / 2
     ctf = None if batch.ctf is None else crop_centered_2d(batch.ctf, crop).contiguous()
-    return Batch(batch.idx, batch.images, crop_centered_2d(batch.target, crop).contiguous(), ctf, mask,
-                 batch.box, crop, batch.cls)
+    return Batch(batch.idx, batch.images, crop_centered_2d(batch.target, crop).contiguous(), ctf,
+                 mask_index(batch.box, crop, batch.mask_radius, str(batch.target.device)), batch.box, crop,
+                 batch.cls, batch.mask_radius)
 
 
 def render(slices: Tensor, ctf: Tensor | None, shifts_px: Tensor, box: int) -> Tensor:
@@ -92,9 +110,10 @@ def render(slices: Tensor, ctf: Tensor | None, shifts_px: Tensor, box: int) -> T
     return hartley_shift(x, shifts_px * (c / box))
 
 
-def per_image_loss(model: Tensor, target: Tensor, mask: Tensor, kind: str = "l1") -> Tensor:
-    """(..., c, c) model vs target (broadcast) -> (...) mean loss over the mask."""
-    d = (model - target)[..., mask]
+def per_image_loss(model: Tensor, target: Tensor, mask_index: Tensor, kind: str = "l1") -> Tensor:
+    """(..., c, c) model vs target (broadcast) -> (...) mean loss over the mask (its flat indices
+    ``Batch.mask_index``)."""
+    d = masked(model - target, mask_index)
     if kind == "l1":
         return d.abs().mean(-1)
     if kind == "l2":

@@ -22,7 +22,9 @@ WINNER_SOURCES = ("heads", "memory", "local", "global")
 @dataclass
 class EpochTally:
     """Sums over the batches of the running epoch (checkpointed with the engine, so a resumed epoch
-    reports the same figures as an uninterrupted one)."""
+    reports the same figures as an uninterrupted one). The image count and time are added per batch; the
+    losses and counts when the engine reads them from the device (engine/tally.py), at the latest before
+    the epoch's record or a checkpoint is made."""
 
     heads: int
     loss_sum: float = 0.0
@@ -41,18 +43,18 @@ class EpochTally:
         """An empty tally of a run of ``ranks`` ranks."""
         return cls(heads, rank_images=[0] * ranks)
 
-    def add(self, loss: float, n: int, seconds: float, wins: list[int] | None = None,
-            sources: list[int] | None = None, rank_images: list[int] | None = None) -> None:
-        """One batch: its mean loss over its ``n`` images (all ranks), its seconds; ``rank_images``: how many of
-        them each rank computed (None: all of them by the one process)."""
-        self.loss_sum += loss * n
+    def add_batch(self, n: int, seconds: float) -> None:
+        """One batch of ``n`` images (all ranks) in ``seconds``; its losses and counts come with ``add_sums``."""
         self.count += n
         self.time_s += seconds
-        self.rank_images = [a + int(x) for a, x in zip(self.rank_images, rank_images or [n])]
-        if wins is not None:
-            self.wins = [a + int(x) for a, x in zip(self.wins, wins)]
-        if sources is not None:
-            self.sources = [a + int(x) for a, x in zip(self.sources, sources)]
+
+    def add_sums(self, loss_sum: float, wins: list[int], sources: list[int], rank_images: list[int]) -> None:
+        """Sums over batches read from the device (engine/tally.py ``PendingSums.drain``): the losses times
+        the images, head wins and winner sources (all zero in stage 2), and how many images each rank computed."""
+        self.loss_sum += loss_sum
+        self.rank_images = [a + int(x) for a, x in zip(self.rank_images, rank_images)]
+        self.wins = [a + int(x) for a, x in zip(self.wins, wins)]
+        self.sources = [a + int(x) for a, x in zip(self.sources, sources)]
 
     @property
     def loss(self) -> float:

@@ -98,7 +98,7 @@ class ParticleImages:
         Fourier-cropped to it (None = the working box). ``images``: the batch's images already on the device
         (from ``prefetch``); None reads them now."""
         images = self.load(idx.cpu()) if images is None else images
-        idx = idx.to(self.device)
+        idx = idx.to(self.device, non_blocking=True)  # a blocking copy to CUDA waits for the GPU
         ctf = None if self.ctf is None else self.ctf[idx]
         b = prepare_batch(idx, images, self.apix[idx], ctf, crop, mask_radius)
         if encoder_box is not None and encoder_box < self.box:

@@ -76,6 +76,7 @@ from cryospin_relion.engine.stage1 import (FIRST_POSE_REFERENCE, ScanSlices, Sea
                                            best_candidate, candidate_losses, first_poses, pose_fit, scan_batch,
                                            scan_slices, search_poses, search_sources, stage1_step)
 from cryospin_relion.engine.stage2 import stage2_step
+from cryospin_relion.engine.tally import PendingSums, value_counts
 from cryospin_relion.geometry.ctf import CTF
 from cryospin_relion.geometry.rotations import geodesic_distance_deg, random_rotations, super_fibonacci_rotations
 from cryospin_relion.model.class_volumes import ClassVolumes
@@ -85,6 +86,8 @@ from cryospin_relion.model.pose_table import PoseTable
 from cryospin_relion.model.volume import HartleyVolume, SymmetricUpdates
 
 log = logging.getLogger("cryospin.abinit")
+
+PROGRESS_READ_S = 2.0  # the progress bar's loss is read from the device at most this often (each read waits for it)
 
 
 class AbinitEngine:
@@ -150,8 +153,26 @@ class AbinitEngine:
         self.batch_pos = 0  # completed batches in the current epoch
         self.done = False
         self.prev_R: Tensor | None = None  # remembered (stage 1) / table (stage 2) poses at the last epoch end
-        self.tally = EpochTally.for_ranks(self.cfg.model.heads, self.world.size)
+        self._new_tally()
         self.history = History()
+
+    def _new_tally(self) -> None:
+        """An empty tally for a new epoch, and its device-side sums (engine/tally.py)."""
+        self.tally = EpochTally.for_ranks(self.cfg.model.heads, self.world.size)
+        self.pending = PendingSums(self.cfg.model.heads, self.device)
+        self._peeked, self._shown_loss = time.perf_counter(), None
+
+    def _drain(self) -> None:
+        """The device-side sums of the batches since the last drain into ``tally`` (a collective)."""
+        self.tally.add_sums(*self.pending.drain(self.world))
+
+    def _show_progress(self) -> None:
+        """The progress bar's update; the running loss is read from the device at most every
+        ``PROGRESS_READ_S`` seconds (each read waits for the GPU), and only when the progress is drawn."""
+        if not isinstance(self.progress, NoProgress) and time.perf_counter() - self._peeked >= PROGRESS_READ_S:
+            self._peeked = time.perf_counter()
+            self._shown_loss = self.pending.peek_loss()
+        self.progress.update(self._shown_loss, self.tally.images_per_s)
 
     @property
     def resumable(self) -> bool:
@@ -301,7 +322,7 @@ class AbinitEngine:
                     t0 = time.perf_counter()
                     self.touched[rows] = True  # for the next sync()
                     b = self.batch(rows, c, images)
-                    n = int(b.idx.shape[0])
+                    n = len(rows)
                     if self.stage == 1:
                         batch_step = self._stage1_batch if self.K == 1 else self._stage1_class_batch
                         loss, wins, sources = batch_step(b, bi, dist)
@@ -315,10 +336,10 @@ class AbinitEngine:
                         wins = sources = None
                     if self.volume_constraint is not None:
                         self.volume_constraint(self.volume)
-                    loss, n, wins, sources, per_rank = self._sum_batch_figures(loss, n, wins, sources)
-                    self.tally.add(loss, n, time.perf_counter() - t0, wins, sources, per_rank)
+                    self.pending.add(loss, n, wins, sources)  # on the device: no host read per batch
+                    self.tally.add_batch(n if dist is None else dist[1], time.perf_counter() - t0)
                     self.batch_pos = bi + 1
-                    self.progress.update(self.tally.loss, self.tally.images_per_s)
+                    self._show_progress()
                     if self.batch_pos < len(batches) and should_stop():
                         return False
         finally:
@@ -340,6 +361,7 @@ class AbinitEngine:
         """Every particle's row from the rank that updated it to every rank (collective; a no-op alone).
         After it, every rank's ``state_dict()`` is the whole run's."""
         w = self.world
+        self._drain()
         if w.alone:
             return
         count = w.sum_(self.touched.to(torch.int32))
@@ -354,27 +376,11 @@ class AbinitEngine:
     def _sum_model_grads(self) -> None:
         self.world.sum_grads([*self.encoder.parameters(), *self.volume.parameters()])
 
-    def _sum_batch_figures(self, loss: float, n: int, wins, sources):
-        """This batch's mean loss, image count, head wins and winner sources over all ranks, and the images
-        each rank computed (None alone)."""
-        w = self.world
-        if w.alone:
-            return loss, n, wins, sources, None
-        mine = [0.0] * w.size
-        mine[w.rank] = float(n)
-        v = w.sum_floats([loss * n, float(n), *mine, *(wins or []), *(sources or [])])
-        mean, total = v[0] / max(1.0, v[1]), int(v[1])
-        per_rank, rest = [int(x) for x in v[2:2 + w.size]], [int(x) for x in v[2 + w.size:]]
-        if self.stage == 1:
-            m = self.cfg.model.heads
-            return mean, total, rest[:m], rest[m:], per_rank
-        return mean, total, None, None, per_rank
-
     def _stage1_batch(self, b: Batch, bi: int, dist: tuple[Tensor, int] | None = None
-                      ) -> tuple[float, list[int], list[int]]:
-        """One stage-1 step; the overall winners go to the pose memory. Returns the loss, the per-head win
-        counts, and the counts of where each overall winner came from (WINNER_SOURCES). ``dist``: (the
-        rows' positions in the global batch, its size) on a rank of a data-parallel run."""
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+        """One stage-1 step; the overall winners go to the pose memory. Returns the loss (0-dim), each image's
+        best head, and where each overall winner came from (WINNER_SOURCES index), on the device. ``dist``:
+        (the rows' positions in the global batch, its size) on a rank of a data-parallel run."""
         cfg = self.cfg
         ex = self.explore(b, bi, dist)
         out = stage1_step(self.encoder, self.volume, self.models.opt_encoder, self.models.opt_volume1, b,
@@ -383,15 +389,14 @@ class AbinitEngine:
                           distill_weight=cfg.search.distill_weight, denom=None if dist is None else dist[1],
                           reduce_grads=None if dist is None else self._sum_model_grads)
         self.memory.remember(b.idx, out.rot, out.shift)
-        wins = torch.bincount(out.win, minlength=cfg.model.heads).tolist()
         if ex is None:
             src = torch.zeros_like(out.overall)
         else:  # a head seed that wins the search is a head win (ties go to the heads)
             src = torch.where(out.overall < cfg.model.heads, 0, ex.source.clamp_min(1))
-        return out.loss, wins, torch.bincount(src, minlength=len(WINNER_SOURCES)).tolist()
+        return out.loss, out.win, src
 
     def _stage1_class_batch(self, b: Batch, bi: int, dist: tuple[Tensor, int] | None = None
-                            ) -> tuple[float, list[int], list[int]]:
+                            ) -> tuple[Tensor, Tensor, Tensor]:
         """``_stage1_batch`` with K classes (engine/classes.py): each image searched in every class, the classes
         trained by the annealed class weights; every class's memory keeps its winner, ``classes`` the best."""
         cfg, M = self.cfg, self.cfg.model.heads
@@ -405,10 +410,9 @@ class AbinitEngine:
         for k, m in enumerate(self.memories):
             m.remember(b.idx, out.rot[k], out.shift[k])
         self.classes[b.idx] = out.best
-        wins = torch.bincount(out.win, minlength=M).tolist()
         found = torch.stack([x.source for x in searched], 0).gather(0, out.best[None])[0]
         src = torch.where(out.overall < M, 0, found.clamp_min(1))
-        return out.loss, wins, torch.bincount(src, minlength=len(WINNER_SOURCES)).tolist()
+        return out.loss, out.win, src
 
     def _heads(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """The encoder's head poses (B, K * M, 3, 3), (B, K * M, 2), in eval mode."""
@@ -469,7 +473,7 @@ class AbinitEngine:
         gb = scan_batch(b, self.cfg.search)
         if c is None or c.crop != gb.crop or (not self._frozen and (bi - k) % self.K == 0):
             g = Seeds.generator(self.seeds.search(self.trial, self.epoch, bi) + 5_555_555 * (k + 1))
-            Q = random_rotations(1, g, dtype=torch.float32)[0].to(self.device)
+            Q = random_rotations(1, g, dtype=torch.float32)[0].to(self.device, non_blocking=True)
             c = self._scans[k] = scan_slices(self.class_volume(k), self.search_grid() @ Q, gb)
         return c
 
@@ -498,7 +502,8 @@ class AbinitEngine:
         c = self.crop()
         batches = list(torch.tensor_split(rows, max(1, math.ceil(len(rows) / cfg.schedule.batch_size))))
         scan_below = self._scan_below(c) if mode == "amortized" else None
-        counts = torch.zeros(len(WINNER_SOURCES) + 1, dtype=torch.float64)  # sources, then images scanned
+        # sources, then images scanned: summed on the device, read once after the pass (engine/tally.py)
+        counts = torch.zeros(len(WINNER_SOURCES) + 1, dtype=torch.float64, device=self.device)
         self.progress.start(f"first poses of {len(rows)} more particles, box {c}", len(batches), 0)
         self._scans.clear()  # made once per class for the pass, from the final stage-1 volumes
         self._frozen = True
@@ -519,17 +524,15 @@ class AbinitEngine:
                 self.classes[b.idx] = best
                 src = torch.stack([f[2] for f in found]).gather(0, best[None])[0]
                 scanned = torch.stack([f[3] for f in found]).any(0)
-                counts[:len(WINNER_SOURCES)] += torch.bincount(src.cpu(), minlength=len(WINNER_SOURCES)).double()
-                counts[-1] += int(scanned.sum())
+                counts[:len(WINNER_SOURCES)] += value_counts(src, len(WINNER_SOURCES))
+                counts[-1:] += scanned.sum()
                 self.progress.update(None, None)
         finally:
             self._frozen = False
             self._scans.clear()
             self.progress.close()
         self.sync()
-        if not self.world.alone:
-            counts = torch.tensor(self.world.sum_floats(counts.tolist()), dtype=torch.float64)
-        n = [int(round(x)) for x in counts.tolist()]
+        n = [int(round(x)) for x in self.world.sum_floats(counts.tolist())]
         return FirstPoseRecord(mode, len(rows), n[-1], dict(zip(WINNER_SOURCES, n[:-1])),
                                scan_below=scan_below)
 
@@ -633,7 +636,7 @@ class AbinitEngine:
         log.info(epoch_line(rec, a.time_s, cfg.search.enabled))
         self.epoch += 1
         self.batch_pos = 0
-        self.tally = EpochTally.for_ranks(cfg.model.heads, self.world.size)
+        self._new_tally()
         if self.stage == 2 and self.epoch >= h.switch_epoch + cfg.schedule.epochs_autodecode:
             self.done = True
 
@@ -863,7 +866,11 @@ class AbinitEngine:
 
     # -- checkpoint (engine/checkpoint.py) ----------------------------------------------------------
     def state_dict(self) -> dict:
+        """The whole run's state; on a rank of a data-parallel run, call ``sync()`` on every rank first."""
+        if self.world.alone:
+            self._drain()
         return engine_state(self)
 
     def load_state_dict(self, d: dict) -> None:
         restore_engine(self, d)
+        self.pending = PendingSums(self.cfg.model.heads, self.device)  # the restored tally has every batch's sums

@@ -133,7 +133,7 @@ def score_batch(volume, batch, R: Tensor, t: Tensor, grid_rot: Tensor, s: ScoreS
         better = best < lb
         Rb = torch.where(better[:, None, None], Rl[ar, j], Rb)
         lb = torch.where(better, best, lb)
-    return loss, lb - l0, loss_noise(l0, int(gb.mask.sum()))
+    return loss, lb - l0, loss_noise(l0, gb.mask_index.numel())
 
 
 @torch.no_grad()
@@ -156,7 +156,7 @@ def score_particles(volume, data: ParticleImages, R: Tensor, t: Tensor, settings
     for a in range(0, len(todo), s.chunk):
         idx = todo[a:a + s.chunk]
         b = data.batch(idx, min(data.box, max(s.crop, s.loss_crop)), mask_radius, None)
-        res = score_batch(volume, b, R[idx.to(dev)], t[idx.to(dev)], G, s, loss_kind, grid)
+        res = score_batch(volume, b, R[idx.to(dev, non_blocking=True)], t[idx.to(dev, non_blocking=True)], G, s, loss_kind, grid)
         for o, v in zip(out, res):
             o[idx] = v.float().cpu()
         if on_chunk is not None:

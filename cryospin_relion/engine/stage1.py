@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from cryospin_relion.config import SearchConfig
-from cryospin_relion.engine.forward import Batch, per_image_loss, recrop, render
+from cryospin_relion.engine.forward import Batch, masked, per_image_loss, recrop, render
 from cryospin_relion.geometry.rotations import random_rotations, so3_exp
 from cryospin_relion.geometry.shifts import hartley_shift
 
@@ -68,11 +68,12 @@ class SearchResult:
 
 @dataclass
 class Stage1Result:
-    """One stage-1 step: the mean loss of the overall winners, the best head of each image (B,), the index
-    of the overall winner in heads + extra candidates (B,) (M + e for extra candidate e), and the overall
-    winning pose (detached)."""
+    """One stage-1 step: the mean loss of the overall winners (a 0-dim tensor on the device: reading it
+    makes the host wait for the GPU, so the engine sums it there), the best head of each image (B,), the
+    index of the overall winner in heads + extra candidates (B,) (M + e for extra candidate e), and the
+    overall winning pose (detached)."""
 
-    loss: float
+    loss: Tensor
     win: Tensor
     overall: Tensor
     rot: Tensor
@@ -96,7 +97,7 @@ def candidate_losses(volume, batch: Batch, rot: Tensor, shift: Tensor, loss_kind
     target = batch.target if rows is None else batch.target[rows]
     ctf = None if ctf is None else ctf.repeat_interleave(C, 0)
     model = render(sl, ctf, shift.reshape(B * C, 2), batch.box).reshape(B, C, batch.crop, batch.crop)
-    return per_image_loss(model, target[:, None], batch.mask, loss_kind)  # (B, C)
+    return per_image_loss(model, target[:, None], batch.mask_index, loss_kind)  # (B, C)
 
 
 def best_candidate(volume, batch: Batch, rot: Tensor, shift: Tensor, loss_kind: str = "l1"
@@ -123,7 +124,7 @@ class ScanSlices:
 @torch.no_grad()
 def scan_slices(volume, grid_rot: Tensor, batch: Batch, grid: Tensor | None = None) -> ScanSlices:
     """``ScanSlices`` of ``volume`` at rotations ``grid_rot`` (G, 3, 3), at ``batch``'s Fourier box and mask."""
-    S = volume.slices(grid_rot, crop=batch.crop, grid=grid)[:, batch.mask]
+    S = masked(volume.slices(grid_rot, crop=batch.crop, grid=grid), batch.mask_index)
     return ScanSlices(grid_rot, S, batch.crop)
 
 
@@ -143,10 +144,10 @@ def grid_scores(volume, batch: Batch, grid_rot: Tensor, shift: Tensor, grid: Ten
     B, T = shift.shape[:2]
     S = (scan if scan is not None else scan_slices(volume, grid_rot, batch, grid)).slices  # (G, P)
     y = hartley_shift(batch.target.repeat_interleave(T, 0), -shift.reshape(B * T, 2) * (batch.crop / batch.box))
-    y = y[:, batch.mask].reshape(B, T, -1)  # (B, T, P)
+    y = masked(y, batch.mask_index).reshape(B, T, -1)  # (B, T, P)
     if batch.ctf is None:
         return (S * S).sum(1)[None, None, :] - 2 * y @ S.T
-    c = batch.ctf[:, batch.mask]  # (B, P)
+    c = masked(batch.ctf, batch.mask_index)  # (B, P)
     return ((c * c) @ (S * S).T)[:, None, :] - 2 * (c[:, None] * y) @ S.T
 
 
@@ -202,7 +203,7 @@ def search_poses(volume, batch: Batch, seed_rot: Tensor, seed_shift: Tensor, gen
     if grid_rot is not None and len(grid_rot) and top > 0:
         gb = scan_batch(batch, search)
         if scan is None:
-            Q = random_rotations(1, generator, dtype=torch.float32)[0].to(dev)
+            Q = random_rotations(1, generator, dtype=torch.float32)[0].to(dev, non_blocking=True)
             G = grid_rot.to(dev) @ Q
         else:
             G = scan.rot
@@ -230,9 +231,9 @@ def search_poses(volume, batch: Batch, seed_rot: Tensor, seed_shift: Tensor, gen
         if local_n <= 0:
             break
         w = randn(local_n, 3) * (math.radians(search.explore_local_deg) / 2**r / math.sqrt(3))
-        Rl = so3_exp(w.to(dev)) @ best_R[:, None]
+        Rl = so3_exp(w.to(dev, non_blocking=True)) @ best_R[:, None]
         jitter = search.explore_shift_px / 2**r / math.sqrt(2)
-        tl = best_t[:, None] + randn(local_n, 2).to(dev) * jitter
+        tl = best_t[:, None] + randn(local_n, 2).to(dev, non_blocking=True) * jitter
         tl = tl.clamp(-max_shift, max_shift)
         pl = score(Rl, tl)
         j = pl.argmin(1)
@@ -293,14 +294,14 @@ def stage1_step(encoder, volume, opt_encoder, opt_volume, batch: Batch, loss_kin
         else:
             step(loss * per.shape[0])
         ar = torch.arange(win.shape[0], device=win.device)
-        return Stage1Result(float(loss.detach()), win, win, rot.detach()[ar, win], shift.detach()[ar, win])
+        return Stage1Result(loss.detach(), win, win, rot.detach()[ar, win], shift.detach()[ar, win])
 
     grid = volume.grid()
     per_h, rot, shift = multihead_losses(encoder, volume, batch, loss_kind, grid)  # (B, M)
     wt = winner_terms(volume, batch, per_h, rot, shift, extra_rot, extra_shift, loss_kind, distill_weight,
                       max(float(encoder.max_shift), 1.0), grid, chunk)
     step(wt.terms.sum())
-    return Stage1Result(float(wt.loss.mean()), wt.win, wt.overall, wt.rot, wt.shift)
+    return Stage1Result(wt.loss.mean(), wt.win, wt.overall, wt.rot, wt.shift)
 
 
 @dataclass
@@ -340,18 +341,17 @@ def winner_terms(volume, batch: Batch, per_h: Tensor, rot: Tensor, shift: Tensor
     overall = torch.where(head_won, win_h, M + best_x)
     R_win = torch.where(head_won[:, None, None], rot.detach()[ar, win_h], extra_rot[ar, best_x])
     t_win = torch.where(head_won[:, None], shift.detach()[ar, win_h], extra_shift[ar, best_x])
-    terms = torch.where(head_won, loss_h, torch.zeros_like(loss_h))
-    nh = (~head_won).nonzero()[:, 0]
-    if len(nh):
-        # the volume is trained at the winning extra pose (a constant) ...
-        per_b = candidate_losses(volume, batch, R_win[nh, None], t_win[nh, None], loss_kind, grid, nh)[:, 0]
-        # ... the encoder by its own WTA loss with the volume held fixed, plus the distillation pull
-        per_he = candidate_losses(volume, batch, rot[nh], shift[nh], loss_kind, gd, nh)
-        d_rot, j = nearest_head(rot[nh], R_win[nh])
-        d_t = ((shift[nh, j] - t_win[nh]) ** 2).sum(-1) / shift_scale**2
-        ar2 = torch.arange(len(nh), device=nh.device)
-        terms = terms.index_add(0, nh, per_b + per_he[ar2, per_he.detach().argmin(1)] +
-                                distill_weight * (d_rot[ar2, j] + d_t))
+    # Where an extra candidate won: the volume is trained at the winning extra pose (a constant) ...
+    per_b = candidate_losses(volume, batch, R_win[:, None], t_win[:, None], loss_kind, grid)[:, 0]
+    # ... the encoder by its own WTA loss with the volume held fixed, plus the distillation pull.
+    # Computed for every image and selected by torch.where (no gradient reaches the unselected side): picking
+    # the rows first would size tensors by data, which makes CUDA wait for the host every batch; and the heads
+    # win few images, so this costs little more.
+    per_he = candidate_losses(volume, batch, rot, shift, loss_kind, gd)
+    d_rot, j = nearest_head(rot, R_win)
+    d_t = ((shift[ar, j] - t_win) ** 2).sum(-1) / shift_scale**2
+    extra = per_b + per_he[ar, per_he.detach().argmin(1)] + distill_weight * (d_rot[ar, j] + d_t)
+    terms = torch.where(head_won, loss_h, extra)
     loss = torch.minimum(loss_h.detach(), per_x[ar, best_x])
     return WinnerTerms(terms, loss, win_h, overall, R_win, t_win)
 
@@ -377,7 +377,7 @@ class FirstPoseResult:
 def fit_to_data(loss: Tensor, batch: Batch, loss_kind: str = "l1") -> Tensor:
     """Per-image fit (B,) = 1 - loss / (the loss of the same image against an empty model): the share of the
     image's loss that the pose explains, comparable between images of different noise, defocus and content."""
-    empty = per_image_loss(torch.zeros_like(batch.target), batch.target, batch.mask, loss_kind)
+    empty = per_image_loss(torch.zeros_like(batch.target), batch.target, batch.mask_index, loss_kind)
     return 1 - loss / empty.clamp_min(1e-12)
 
 
@@ -391,8 +391,8 @@ def pose_fit(volume, batch: Batch, rot: Tensor, shift: Tensor, loss_kind: str = 
 def batch_rows(batch: Batch, rows: Tensor) -> Batch:
     """The images ``rows`` of a batch."""
     return Batch(batch.idx[rows], batch.images[rows], batch.target[rows],
-                 None if batch.ctf is None else batch.ctf[rows], batch.mask, batch.box, batch.crop,
-                 None if batch.cls is None else batch.cls[rows])
+                 None if batch.ctf is None else batch.ctf[rows], batch.mask_index, batch.box, batch.crop,
+                 None if batch.cls is None else batch.cls[rows], batch.mask_radius)
 
 
 def search_sources(res: SearchResult) -> Tensor:

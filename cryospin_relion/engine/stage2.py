@@ -16,10 +16,11 @@ from cryospin_relion.engine.forward import Batch, per_image_loss, render
 
 @dataclass
 class Stage2Result:
-    """One stage-2 batch: the loss of the last volume step (after the pose steps), and the loss before them."""
+    """One stage-2 batch: the loss of the last volume step (after the pose steps), and the loss before them;
+    0-dim tensors on the device (reading one makes the host wait for the GPU: the engine sums them there)."""
 
-    loss: float
-    loss_before_pose: float | None
+    loss: Tensor
+    loss_before_pose: Tensor | None
 
 
 def pose_loss(volume_grid, volume, table, batch: Batch, delta=None, dshift=None, loss_kind="l1"):
@@ -30,7 +31,7 @@ def pose_loss(volume_grid, volume, table, batch: Batch, delta=None, dshift=None,
     else:  # K class volumes (model/class_volumes.py): each image's slice from its class
         sl = volume.slices(R, crop=batch.crop, grid=volume_grid, cls=batch.cls)
     model = render(sl, batch.ctf, t, batch.box)
-    return per_image_loss(model, batch.target, batch.mask, loss_kind)
+    return per_image_loss(model, batch.target, batch.mask_index, loss_kind)
 
 
 def stage2_step(volume, table, opt_volume, batch: Batch, pose_iters: int = 5, vol_iters: int = 1,
@@ -48,7 +49,7 @@ def stage2_step(volume, table, opt_volume, batch: Batch, pose_iters: int = 5, vo
         delta, dshift = table.perturbation(batch.idx)
         per = pose_loss(grid, volume, table, batch, delta, dshift, loss_kind)
         if first is None:
-            first = float(per.detach().mean())
+            first = per.detach().mean()
         # sum over images: each row's gradient is its own image's loss gradient
         gd, gs = torch.autograd.grad(per.sum(), (delta, dshift))
         table.step(batch.idx, gd, gs)
@@ -61,8 +62,8 @@ def stage2_step(volume, table, opt_volume, batch: Batch, pose_iters: int = 5, vo
         if reduce_grads is not None:
             reduce_grads()
         opt_volume.step()
-        loss = float(l.detach())
+        loss = l.detach()
     if loss is None:
         with torch.no_grad():
-            loss = float(pose_loss(grid, volume, table, batch, loss_kind=loss_kind).mean())
+            loss = pose_loss(grid, volume, table, batch, loss_kind=loss_kind).mean()
     return Stage2Result(loss, first)

@@ -18,6 +18,7 @@ errors.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ from cryospin_relion.lifecycle.outputs import (add_orientation_summary, final_ta
                                                 write_report)
 from cryospin_relion.lifecycle.pose_error import PoseErrorLog, load_true_rotations
 from cryospin_relion.lifecycle.signals import StopOnSignal
+
+STOP_POLL_BATCHES = 8  # with several ranks: batches between two agreed decisions to stop or checkpoint
 
 
 @dataclass(frozen=True)
@@ -234,9 +237,15 @@ class _Run:
             write_json(out / "history.json", hist)
             live.epoch_end(eng, hist, "running")
 
+        polls = itertools.count()
+
         with StopOnSignal(log) as stop:
             def after_batch() -> bool:
-                """Polled after every batch (a consistent state): timed checkpoints, stop requests."""
+                """Polled after every batch (a consistent state): timed checkpoints, stop requests. Several ranks
+                must agree (a collective, whose result the host reads: it waits for the GPU), so they decide at
+                every ``STOP_POLL_BATCHES``-th poll only; every rank polls at the same batches."""
+                if not world.alone and next(polls) % STOP_POLL_BATCHES:
+                    return False
                 due, stopping = world.any(timed.due() and engine.resumable, stop.requested)  # all ranks agree
                 if due:
                     checkpoint()
