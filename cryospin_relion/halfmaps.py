@@ -218,7 +218,7 @@ def reconstruct_halves(
                                  f"first image ({m} px)")
             if n != m:
                 imgs = fourier_crop_2d(imgs, n)
-            imgs = imgs.to(dev)
+            imgs = imgs.to(dev, non_blocking=True)  # a blocking copy to CUDA would wait for the last batch
             for h in (1, 2):
                 sel = np.flatnonzero(sub[rows] == h)
                 if len(sel) == 0:

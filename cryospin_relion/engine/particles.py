@@ -50,6 +50,12 @@ class RowView:
         return self.images[self.rows[i]]
 
 
+def on_host(idx: Tensor) -> Tensor:
+    """``idx`` on the CPU. The batches' row indices are made there, so this copies only what a caller made on
+    the device (a copy from CUDA waits for it)."""
+    return idx if idx.device.type == "cpu" else idx.cpu()
+
+
 class ParticleImages:
     """Images (N, n, n) (host), pixel sizes (N,) and CTFs (or None) on ``device``."""
 
@@ -97,7 +103,7 @@ class ParticleImages:
         """The forward model's batch at Fourier box ``crop``; ``encoder_box``: the encoder's input images are
         Fourier-cropped to it (None = the working box). ``images``: the batch's images already on the device
         (from ``prefetch``); None reads them now."""
-        images = self.load(idx.cpu()) if images is None else images
+        images = self.load(on_host(idx)) if images is None else images
         idx = idx.to(self.device, non_blocking=True)  # a blocking copy to CUDA waits for the GPU
         ctf = None if self.ctf is None else self.ctf[idx]
         b = prepare_batch(idx, images, self.apix[idx], ctf, crop, mask_radius)
@@ -155,7 +161,7 @@ class Prefetcher:
             for idx in self.batches:
                 if self._stop.is_set():
                     return
-                x = self.data.read(idx.cpu(), pin=stream is not None)
+                x = self.data.read(on_host(idx), pin=stream is not None)
                 if stream is not None:
                     with torch.cuda.stream(stream):
                         x = x.to(self.data.device, non_blocking=True)

@@ -97,7 +97,7 @@ def _cos_angle(R: Tensor, G: Tensor) -> Tensor:
 def _pattern(step_rad: float, device) -> Tensor:
     """(6, 3, 3) rotations of +-step about x, y and z (left-multiplied: image-frame axes)."""
     w = torch.cat([torch.eye(3), -torch.eye(3)]) * step_rad
-    return so3_exp(w.to(device))
+    return so3_exp(w.to(device, non_blocking=True))
 
 
 @torch.no_grad()
@@ -151,15 +151,15 @@ def score_particles(volume, data: ParticleImages, R: Tensor, t: Tensor, settings
     t = torch.as_tensor(t).to(dev, torch.float32)
     if R.shape != (data.N, 3, 3) or t.shape != (data.N, 2):
         raise ValueError(f"poses {tuple(R.shape)}, {tuple(t.shape)} do not match {data.N} images")
-    out = [torch.zeros(data.N) for _ in range(3)]
+    out = [torch.zeros(data.N, device=dev) for _ in range(3)]  # on the device until the end: no read per chunk
     todo = torch.arange(data.N) if rows is None else torch.as_tensor(rows, dtype=torch.long).cpu()
     for a in range(0, len(todo), s.chunk):
         idx = todo[a:a + s.chunk]
         b = data.batch(idx, min(data.box, max(s.crop, s.loss_crop)), mask_radius, None)
-        res = score_batch(volume, b, R[idx.to(dev, non_blocking=True)], t[idx.to(dev, non_blocking=True)], G, s, loss_kind, grid)
+        res = score_batch(volume, b, R[b.idx], t[b.idx], G, s, loss_kind, grid)
         for o, v in zip(out, res):
-            o[idx] = v.float().cpu()
+            o[b.idx] = v.float()
         if on_chunk is not None:
             on_chunk(a + len(idx), len(todo))
-    loss, gap, noise = out
+    loss, gap, noise = (o.cpu() for o in out)
     return PoseScores(confidence_from_gap(gap, noise, s.scale), loss, gap, noise)
