@@ -55,7 +55,7 @@ def bare_rate(eng: AbinitEngine, d: dict, batch: int = 64, reps: int = 10) -> fl
     t = d["t"][idx].float().requires_grad_()
 
     def once() -> None:
-        per_image_loss(render(eng.volume.slices(R), b.ctf, t, eng.box), b.target, b.mask_index, "l1").sum().backward()
+        per_image_loss(render(eng.volume.slices(R, freqs=b.mask.freqs), b.ctf, t, b.mask), b.target, "l1").sum().backward()
 
     once()  # warm-up (first-call allocations)
     t0 = time.perf_counter()

@@ -191,7 +191,7 @@ def measure_rule(run: Path, data: Path, a) -> None:
                                   eng.cfg.model.loss)
             acc["hl_loss"].append(hl.loss)
             acc["full_loss"].append(full.loss)
-            acc["empty"].append(per_image_loss(torch.zeros_like(b.target), b.target, b.mask_index, eng.cfg.model.loss))
+            acc["empty"].append(per_image_loss(torch.zeros_like(b.target), b.target, eng.cfg.model.loss))
             acc["rand_mean"].append(lr.mean(1))
             acc["rand_std"].append(lr.std(1))
             acc["d_hl_full"].append(geodesic_distance_deg(hl.rot.double(), full.rot.double()))

@@ -237,7 +237,7 @@ def test_volume_trained_by_overall_winner(tiny):
                 "l1", extra_rot=R_true[:, None], extra_shift=t_true[:, None], distill_weight=0.0)
     g_step = vol.values.grad.clone()
     vol.values.grad = None
-    per = per_image_loss(render(vol.slices(R_true), b.ctf, t_true, n), b.target, b.mask_index, "l1")
+    per = per_image_loss(render(vol.slices(R_true, freqs=b.mask.freqs), b.ctf, t_true, b.mask), b.target, "l1")
     per.mean().backward()
     assert torch.allclose(g_step, vol.values.grad, atol=1e-6)
 
@@ -282,10 +282,38 @@ def test_recrop_equals_a_batch_prepared_at_the_smaller_box(tiny):
     idx = torch.arange(5)
     big, small = _batch(tiny, idx, 16), _batch(tiny, idx, 10)
     r = recrop(big, 10)
-    assert r.crop == 10 and torch.equal(r.mask_index, small.mask_index)
+    assert r.crop == 10 and r.mask is small.mask
     assert torch.allclose(r.target, small.target, atol=1e-6)
     assert torch.allclose(r.ctf, small.ctf, atol=1e-6)
     assert recrop(big, 16) is big
+
+
+@pytest.mark.parametrize("crop,radius", [(16, 1.0), (12, 1.0), (16, 0.6)])
+def test_masked_forward_equals_the_whole_grid(tiny, crop, radius):
+    """The engine's losses at the mask's frequencies only (slices, CTF, shift, loss per frequency) equal the
+    whole crop x crop grid's (``extract_slices``, ``hartley_shift`` with its flips) restricted by the boolean
+    mask, values and gradients (volume, rotations, shifts)."""
+    from cryospin_relion.engine.forward import crop_mask, ctf_cropped, per_image_loss, render
+    from cryospin_relion.geometry.fourier import crop_centered_2d, ht2_centered
+    from cryospin_relion.geometry.shifts import hartley_shift
+
+    n, idx = 16, torch.arange(6)
+    vol = _true_volume(tiny, n)
+    b = prepare_batch(idx, tiny["images"][idx], torch.full((6,), tiny["apix"]), _ctf(tiny)[idx], crop, radius)
+    R = (random_rotations(6, torch.Generator().manual_seed(3), dtype=torch.float32)).requires_grad_()
+    t = (tiny["t"][idx].float() + 0.3).requires_grad_()
+    masked = per_image_loss(render(vol.slices(R, freqs=b.mask.freqs), b.ctf, t, b.mask), b.target, "l1")
+    grads = torch.autograd.grad(masked.sum(), (vol.values, R, t))
+    mask = crop_mask(n, crop, radius)
+    ctf = ctf_cropped(n, crop, torch.full((6,), tiny["apix"]), _ctf(tiny)[idx])
+    model = hartley_shift(vol.slices(R, crop=crop) * ctf, t * (crop / n))  # the crop's pixels: t * crop / n
+    target = crop_centered_2d(ht2_centered(tiny["images"][idx]), crop) / n
+    whole = (model - target)[:, mask].abs().mean(-1)
+    grads_whole = torch.autograd.grad(whole.sum(), (vol.values, R, t))
+    assert b.target.shape == (6, int(mask.sum()))
+    assert torch.allclose(masked, whole, rtol=1e-5, atol=1e-7)
+    for g, w in zip(grads, grads_whole):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6 * float(w.abs().max()))
 
 
 def test_grid_scores_over_shifts_rank_like_the_l2_loss(tiny):
@@ -300,11 +328,11 @@ def test_grid_scores_over_shifts_rank_like_the_l2_loss(tiny):
     ts = tiny["t"][:3, None].float() + shift_offsets(1.0, 1.0)[None]  # (3, 9, 2)
     assert ts.shape == (3, 9, 2)
     sc = grid_scores(vol, b, G, ts)  # (3, 9, 5)
-    K = b.mask_index.numel()
+    K = b.target.shape[-1]
     for i in range(3):
-        sl = vol.slices(G, crop=12)
-        ref = torch.stack([per_image_loss(render(sl, b.ctf[i:i + 1].expand(5, -1, -1), ts[i, t][None].expand(5, 2), n),
-                                          b.target[i:i + 1], b.mask_index, "l2") for t in range(9)])  # (9, 5)
+        sl = vol.slices(G, freqs=b.mask.freqs)
+        ref = torch.stack([per_image_loss(render(sl, b.ctf[i:i + 1].expand(5, -1), ts[i, t][None].expand(5, 2), b.mask),
+                                          b.target[i:i + 1], "l2") for t in range(9)])  # (9, 5)
         diff = sc[i] - K * ref
         assert float(diff.max() - diff.min()) < 1e-3 * float(sc[i].abs().max())
     # the true pose at the true shift scores best among the 9 shifts

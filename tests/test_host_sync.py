@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cryospin_relion.config import AbinitConfig
 from cryospin_relion.engine.distributed import ALONE
-from cryospin_relion.engine.forward import mask_index
+from cryospin_relion.engine.forward import frequency_mask
 from cryospin_relion.engine.history import WINNER_SOURCES
 from cryospin_relion.engine.run import AbinitEngine
 from cryospin_relion.engine.tally import PendingSums, value_counts
@@ -91,7 +91,7 @@ def _reads(tiny, batch_size: int, **kw) -> Counter[str]:
     cfg = AbinitConfig.from_dict(dict(heads=2, epochs_amortized=2, min_epochs_amortized=2, epochs_autodecode=2,
                                       batch_size=batch_size, pose_iters=2, seed=5, stage1_particles=96) | kw)
     eng = AbinitEngine(tiny["images"], tiny["apix"], CTF.from_arrays(tiny["ctf"]), cfg, "cpu")
-    mask_index.cache_clear()  # made once per Fourier box: the same count in both runs
+    frequency_mask.cache_clear()  # made once per Fourier box: the same count in both runs
     with HostReads() as mode:
         assert eng.run() == "done"
     return mode.lines
@@ -140,7 +140,7 @@ def test_the_scores_pass_reads_once_not_per_chunk(tiny):
     vol = HartleyVolume(16)
     counts = []
     for chunk in (48, 16):
-        mask_index.cache_clear()
+        frequency_mask.cache_clear()
         with HostReads() as mode:
             ps = score_particles(vol, data, tiny["R"], tiny["t"], ScoreSettings(chunk=chunk, grid_size=64))
         counts.append(mode.lines)

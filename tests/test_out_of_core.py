@@ -40,7 +40,7 @@ def test_prefetch_equals_direct_reads_in_order(tmp_path):
     # the batch made from prefetched images is the batch made by reading directly
     b0 = data.batch(batches[0], 12, 0.9, 8, images=got[0])
     b1 = data.batch(batches[0], 12, 0.9, 8)
-    for a, b in ((b0.images, b1.images), (b0.target, b1.target), (b0.ctf, b1.ctf), (b0.mask_index, b1.mask_index)):
+    for a, b in ((b0.images, b1.images), (b0.target, b1.target), (b0.ctf, b1.ctf), (b0.mask.index, b1.mask.index)):
         assert torch.equal(a, b)
 
 

@@ -133,7 +133,7 @@ def score_batch(volume, batch, R: Tensor, t: Tensor, grid_rot: Tensor, s: ScoreS
         better = best < lb
         Rb = torch.where(better[:, None, None], Rl[ar, j], Rb)
         lb = torch.where(better, best, lb)
-    return loss, lb - l0, loss_noise(l0, gb.mask_index.numel())
+    return loss, lb - l0, loss_noise(l0, gb.target.shape[-1])
 
 
 @torch.no_grad()

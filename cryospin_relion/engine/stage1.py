@@ -50,9 +50,9 @@ import torch
 from torch import Tensor
 
 from cryospin_relion.config import SearchConfig
-from cryospin_relion.engine.forward import Batch, masked, per_image_loss, recrop, render
+from cryospin_relion.engine.forward import Batch, per_image_loss, recrop, render
 from cryospin_relion.geometry.rotations import random_rotations, so3_exp
-from cryospin_relion.geometry.shifts import hartley_shift
+from cryospin_relion.geometry.shifts import hartley_shift_at
 
 
 @dataclass
@@ -92,12 +92,12 @@ def candidate_losses(volume, batch: Batch, rot: Tensor, shift: Tensor, loss_kind
     """Losses (B', C) of candidate poses rot (B', C, 3, 3), shift (B', C, 2) against the batch's images
     (``rows`` selects the images, default all)."""
     B, C = rot.shape[:2]
-    sl = volume.slices(rot.reshape(B * C, 3, 3), crop=batch.crop, grid=grid)
+    sl = volume.slices(rot.reshape(B * C, 3, 3), grid=grid, freqs=batch.mask.freqs)  # (B * C, P)
     ctf = batch.ctf if rows is None or batch.ctf is None else batch.ctf[rows]
     target = batch.target if rows is None else batch.target[rows]
     ctf = None if ctf is None else ctf.repeat_interleave(C, 0)
-    model = render(sl, ctf, shift.reshape(B * C, 2), batch.box).reshape(B, C, batch.crop, batch.crop)
-    return per_image_loss(model, target[:, None], batch.mask_index, loss_kind)  # (B, C)
+    model = render(sl, ctf, shift.reshape(B * C, 2), batch.mask).reshape(B, C, -1)
+    return per_image_loss(model, target[:, None], loss_kind)  # (B, C)
 
 
 def best_candidate(volume, batch: Batch, rot: Tensor, shift: Tensor, loss_kind: str = "l1"
@@ -124,7 +124,7 @@ class ScanSlices:
 @torch.no_grad()
 def scan_slices(volume, grid_rot: Tensor, batch: Batch, grid: Tensor | None = None) -> ScanSlices:
     """``ScanSlices`` of ``volume`` at rotations ``grid_rot`` (G, 3, 3), at ``batch``'s Fourier box and mask."""
-    S = masked(volume.slices(grid_rot, crop=batch.crop, grid=grid), batch.mask_index)
+    S = volume.slices(grid_rot, grid=grid, freqs=batch.mask.freqs)
     return ScanSlices(grid_rot, S, batch.crop)
 
 
@@ -143,11 +143,11 @@ def grid_scores(volume, batch: Batch, grid_rot: Tensor, shift: Tensor, grid: Ten
         shift = shift[:, None]
     B, T = shift.shape[:2]
     S = (scan if scan is not None else scan_slices(volume, grid_rot, batch, grid)).slices  # (G, P)
-    y = hartley_shift(batch.target.repeat_interleave(T, 0), -shift.reshape(B * T, 2) * (batch.crop / batch.box))
-    y = masked(y, batch.mask_index).reshape(B, T, -1)  # (B, T, P)
+    y = hartley_shift_at(batch.target.repeat_interleave(T, 0), -shift.reshape(B * T, 2), batch.mask.freqs,
+                         batch.mask.negated).reshape(B, T, -1)  # (B, T, P)
     if batch.ctf is None:
         return (S * S).sum(1)[None, None, :] - 2 * y @ S.T
-    c = masked(batch.ctf, batch.mask_index)  # (B, P)
+    c = batch.ctf  # (B, P)
     return ((c * c) @ (S * S).T)[:, None, :] - 2 * (c[:, None] * y) @ S.T
 
 
@@ -377,7 +377,7 @@ class FirstPoseResult:
 def fit_to_data(loss: Tensor, batch: Batch, loss_kind: str = "l1") -> Tensor:
     """Per-image fit (B,) = 1 - loss / (the loss of the same image against an empty model): the share of the
     image's loss that the pose explains, comparable between images of different noise, defocus and content."""
-    empty = per_image_loss(torch.zeros_like(batch.target), batch.target, batch.mask_index, loss_kind)
+    empty = per_image_loss(torch.zeros_like(batch.target), batch.target, loss_kind)
     return 1 - loss / empty.clamp_min(1e-12)
 
 
@@ -391,8 +391,7 @@ def pose_fit(volume, batch: Batch, rot: Tensor, shift: Tensor, loss_kind: str = 
 def batch_rows(batch: Batch, rows: Tensor) -> Batch:
     """The images ``rows`` of a batch."""
     return Batch(batch.idx[rows], batch.images[rows], batch.target[rows],
-                 None if batch.ctf is None else batch.ctf[rows], batch.mask_index, batch.box, batch.crop,
-                 None if batch.cls is None else batch.cls[rows], batch.mask_radius)
+                 None if batch.ctf is None else batch.ctf[rows], batch.mask, None if batch.cls is None else batch.cls[rows])
 
 
 def search_sources(res: SearchResult) -> Tensor:

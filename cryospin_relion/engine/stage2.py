@@ -27,11 +27,11 @@ def pose_loss(volume_grid, volume, table, batch: Batch, delta=None, dshift=None,
     """Per-image losses (B,) at the table's poses (optionally perturbed)."""
     R, t = table.poses(batch.idx, delta, dshift)
     if batch.cls is None:
-        sl = volume.slices(R, crop=batch.crop, grid=volume_grid)
+        sl = volume.slices(R, grid=volume_grid, freqs=batch.mask.freqs)
     else:  # K class volumes (model/class_volumes.py): each image's slice from its class
-        sl = volume.slices(R, crop=batch.crop, grid=volume_grid, cls=batch.cls)
-    model = render(sl, batch.ctf, t, batch.box)
-    return per_image_loss(model, batch.target, batch.mask_index, loss_kind)
+        sl = volume.slices(R, grid=volume_grid, cls=batch.cls, freqs=batch.mask.freqs)
+    model = render(sl, batch.ctf, t, batch.mask)
+    return per_image_loss(model, batch.target, loss_kind)
 
 
 def stage2_step(volume, table, opt_volume, batch: Batch, pose_iters: int = 5, vol_iters: int = 1,

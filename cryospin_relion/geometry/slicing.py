@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from cryospin_relion.geometry.fourier import fft3_centered
-from cryospin_relion.geometry.sampling import sample_spectrum
+from cryospin_relion.geometry.sampling import grid_coordinates, sample_spectrum_grid
 
 
 def sinc2_window_3d(n: int, padded: int, device=None, dtype=torch.float32) -> Tensor:
@@ -48,26 +48,46 @@ def volume_to_projector(vol: Tensor, pad: int = 2) -> Tensor:
     return fft3_centered(pad_volume(corr, padded))
 
 
-def slice_points(rotations: Tensor, box: int, padded: int, crop: int | None = None) -> Tensor:
-    """Where the central slices' frequencies lie in the (oversampled) volume spectrum.
+def centred_frequencies(crop: int, box: int, device=None, dtype=torch.float32) -> Tensor:
+    """(crop * crop, 2) frequencies (fx, fy) in cycles per pixel of a box-``box`` image, of the central
+    crop x crop Fourier box in the layout of fourier.fft2_centered (row-major (y, x): flat index y * crop + x)."""
+    k = (torch.arange(crop, device=device, dtype=dtype) - crop // 2) / box
+    ky, kx = torch.meshgrid(k, k, indexing="ij")
+    return torch.stack([kx.reshape(-1), ky.reshape(-1)], -1)
+
+
+def slice_coordinates(rotations: Tensor, freqs: Tensor, padded: int) -> Tensor:
+    """Where central sections' frequencies lie in a ``padded``-voxel spectrum, in grid_sample's normalised
+    coordinates (``sampling.grid_coordinates``).
 
     Args:
         rotations: (B, 3, 3) RELION A.
-        box: image side n (sets the frequency spacing: padded / n voxels per image pixel).
-        padded: side of the (oversampled) volume spectrum.
-        crop: return only the central crop x crop frequencies (coarse-to-fine work
-            at a smaller Fourier box); default n.
+        freqs: (P, 2) (fx, fy), cycles per image pixel.
+        padded: side D of the (oversampled) volume spectrum (D voxels per cycle per pixel).
     Returns:
-        (B, c, c, 3) points A^T [kx, ky, 0] (x, y, z) in padded voxels from the centre
-        (``sampling`` convention), c = crop or n.
+        (B, P, 3) the points A^T [fx, fy, 0] x D (x, y, z), normalised: one matrix product with the scale
+        folded into A's rows, and one add.
     """
-    dtype, device = rotations.dtype, rotations.device
-    c = crop or box
-    k = (torch.arange(c, device=device, dtype=dtype) - c // 2) * (padded / box)
-    ky, kx = torch.meshgrid(k, k, indexing="ij")
-    k2 = torch.stack([kx, ky], -1)  # (n, n, 2) in padded-voxel units
-    # K3 = A^T [kx, ky, 0]  ->  K3_j = sum_i A_ij k_i over i in (x, y)
-    return torch.einsum("hwi,bij->bhwj", k2, rotations[:, :2, :])
+    scale, offset = grid_coordinates(padded)
+    # K3_j = sum_i A_ij k_i over i in (x, y): row vectors k times A's first two rows
+    return torch.matmul(freqs.to(rotations.dtype), rotations[:, :2, :] * (padded * scale)).add_(offset)
+
+
+def slice_values(spectrum: Tensor, rotations: Tensor, freqs: Tensor, threads: int | None = None) -> Tensor:
+    """Central sections of a centred 3D spectrum at the frequencies ``freqs`` only.
+
+    Args:
+        spectrum: (D, D, D) complex (Fourier) or real (Hartley) centred spectrum, D = pad * box.
+        rotations: (B, 3, 3) RELION A (differentiable).
+        freqs: (P, 2) (fx, fy) in cycles per pixel of the images (e.g. ``centred_frequencies``, or the
+            frequencies inside a mask: the engine computes only those).
+        threads: CPU workers of the interpolation (``sampling.sample_grid``).
+    Returns:
+        (B, P) complex or real values (a central section of a Hartley transform is the Hartley transform
+        of the projection).
+    """
+    coords = slice_coordinates(rotations.to(spectrum.real.dtype), freqs, spectrum.shape[-1])
+    return sample_spectrum_grid(spectrum, coords, threads or None)
 
 
 def extract_slices(
@@ -80,7 +100,7 @@ def extract_slices(
             D = pad * box.
         rotations: (B, 3, 3) RELION A (differentiable).
         box: output image side n.
-        threads: CPU workers of the interpolation (``sampling.sample_trilinear``).
+        threads: CPU workers of the interpolation (``sampling.sample_grid``).
         crop: only the central crop x crop frequencies (same layout as
             fourier.crop_centered_2d of the full slice).
     Returns:
@@ -88,5 +108,6 @@ def extract_slices(
         (Hartley slices for a Hartley spectrum: a central section of a Hartley
         transform is the Hartley transform of the projection).
     """
-    points = slice_points(rotations.to(spectrum.real.dtype), box, spectrum.shape[-1], crop)
-    return sample_spectrum(spectrum, points, threads or None)
+    c = crop or box
+    freqs = centred_frequencies(c, box, spectrum.device, spectrum.real.dtype)
+    return slice_values(spectrum, rotations, freqs, threads).reshape(rotations.shape[0], c, c)

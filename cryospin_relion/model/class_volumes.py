@@ -39,9 +39,10 @@ class ClassVolumes(nn.Module):
         return torch.stack([v.grid() for v in self.classes])
 
     def slices(self, rotations: Tensor, crop: int | None = None, grid: Tensor | None = None,
-               cls: Tensor | None = None) -> Tensor:
+               cls: Tensor | None = None, freqs: Tensor | None = None) -> Tensor:
         """Hartley central sections (B, c, c) at poses (B, 3, 3), each from the grid of its class ``cls`` (B,)
-        (0-based; required). ``grid``: (K, n, n, n) from ``grid()`` (e.g. detached), default the live one."""
+        (0-based; required). ``grid``: (K, n, n, n) from ``grid()`` (e.g. detached), default the live one.
+        ``freqs``: as ``HartleyVolume.slices`` ((B, P))."""
         if cls is None:
             raise ValueError("ClassVolumes.slices needs each image's class")
         c = self.box if crop is None else crop
@@ -52,10 +53,11 @@ class ClassVolumes(nn.Module):
             if n:
                 rows = order[a:a + n]
                 # without ``grid``, only the classes present build theirs
-                parts.append(self.classes[k].slices(rotations[rows], crop=c, grid=None if grid is None else grid[k]))
+                parts.append(self.classes[k].slices(rotations[rows], crop=c, grid=None if grid is None else grid[k],
+                                                    freqs=freqs))
                 a += n
         if not parts:
-            return rotations.new_zeros(0, c, c)
+            return rotations.new_zeros(0, c, c) if freqs is None else rotations.new_zeros(0, len(freqs))
         sl = torch.cat(parts, 0)
         return sl[torch.argsort(order)]  # back to the batch's order (differentiable gather)
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from cryospin_relion.geometry.fourier import fft_to_hartley, iht3_centered, radius_grid_2d, radius_grid_3d
 from cryospin_relion.geometry.sampling import sample_spectrum
-from cryospin_relion.geometry.slicing import extract_slices, volume_to_projector
+from cryospin_relion.geometry.slicing import extract_slices, slice_values, volume_to_projector
 
 
 def radial_profile_2d(ht: Tensor) -> Tensor:
@@ -82,9 +82,13 @@ class HartleyVolume(nn.Module):
             v = self.mantissa * torch.exp(self.exponent)
         return v * self.scale * self.mask
 
-    def slices(self, rotations: Tensor, crop: int | None = None, grid: Tensor | None = None) -> Tensor:
-        """Hartley central sections (B, c, c) at RELION poses (B, 3, 3), c = crop or n."""
+    def slices(self, rotations: Tensor, crop: int | None = None, grid: Tensor | None = None,
+               freqs: Tensor | None = None) -> Tensor:
+        """Hartley central sections (B, c, c) at RELION poses (B, 3, 3), c = crop or n; with ``freqs`` (P, 2)
+        ((fx, fy), cycles per pixel: e.g. ``forward.FrequencyMask.freqs``) only those, (B, P)."""
         g = self.grid() if grid is None else grid
+        if freqs is not None:
+            return slice_values(g, rotations.to(g.dtype), freqs)
         return extract_slices(g, rotations.to(g.dtype), self.box, crop=crop)
 
     @torch.no_grad()
