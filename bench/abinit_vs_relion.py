@@ -55,6 +55,8 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 
+from machine import describe  # bench/machine.py (the script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 MAP = ROOT.parent / "shared" / "data" / "aspire" / "clean70SRibosome_vol_65p.mrc"
 MAP_APIX = 4.0
@@ -277,7 +279,8 @@ def report(rows: dict, a: argparse.Namespace) -> None:
     apix = MAP_APIX * 65 / a.box
     limit = rows.get("true poses (limit)", {}).get("res_poses")
     relion_wall = rows.get("RELION InitialModel", {}).get("wall_s")
-    print(f"\nN={a.n} box={a.box} apix={apix:.4f} A SNR={a.snr} threads={a.j}; Nyquist {2 * apix:.2f} A")
+    print(f"\n{describe()}")
+    print(f"N={a.n} box={a.box} apix={apix:.4f} A SNR={a.snr} threads={a.j}; Nyquist {2 * apix:.2f} A")
     print(f"{'row':<34}{'wall s':>8}{'x RELION':>9}{'FSC0.5 poses':>13}{'x limit':>8}{'FSC0.5 job map':>15}"
           f"{'median err':>11}{'peak MB':>9}")
     for name, r in rows.items():

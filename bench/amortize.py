@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe  # bench/machine.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 MAP = ROOT.parent / "shared" / "data" / "aspire" / "clean70SRibosome_vol_65p.mrc"
@@ -331,7 +332,8 @@ def main() -> None:
     rows = {m: continue_mode(work, run, data, m, a) for m in a.modes.split(",")}
     res_true = resolution(work, "truth", data / "particles.star", data, a.j)
     (work / "results.json").write_text(json.dumps({"rows": rows, "res_true": res_true}, indent=1))
-    print(f"\n{a.n} particles, box 64, SNR {a.snr}, --j {a.j}; true poses FSC 0.5 {res_true:.2f} A")
+    print(f"\n{describe()}")
+    print(f"{a.n} particles, box 64, SNR {a.snr}, --j {a.j}; true poses FSC 0.5 {res_true:.2f} A")
     print("| first poses | pass s | img/s | sent to the scan | winners heads/local/memory/global | median error "
           "after the pass / final, deg (all particles) | FSC0.5 A | ratio to true poses |")
     print("|---|---|---|---|---|---|---|---|")

@@ -42,6 +42,7 @@ from cryospin_relion.engine.classes import relation_spread_deg
 from cryospin_relion.geometry.rotations import euler_to_matrix
 from cryospin_relion.io.mrc import write_mrc, write_stack
 from cryospin_relion.io.star import load_star_blocks, write_star_blocks
+from machine import describe  # bench/machine.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "relion"))
@@ -213,7 +214,8 @@ def main() -> None:
                               + ")" for c in range(k))
             print(f"  {label} K={k}: {r['wall']:.0f} s; {sizes}", flush=True)
 
-    print(f"\nabinit --classes K ({'quick schedule' if a.quick else 'default schedule'}), {a.n} particles; FSC 0.5 "
+    print(f"\n{describe()}")
+    print(f"abinit --classes K ({'quick schedule' if a.quick else 'default schedule'}), {a.n} particles; FSC 0.5 "
           "vs the truth after alignment; each class counted as the truth most of its particles have "
           "(K=2 mixture: the best label permutation); main = the class with most true-A particles")
     print(f"  {'K':>2s} {'data':8s} {'wall s':>7s} {'acc / junk out':>16s}  {'class FSC0.5 A (truth)':36s} "

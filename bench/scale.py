@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import describe  # bench/machine.py (the script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 MAP = ROOT.parent / "shared" / "data" / "aspire" / "clean70SRibosome_vol_65p.mrc"
 
@@ -152,7 +154,8 @@ def main() -> None:
 
 
 def report(rows: dict, a: argparse.Namespace, work: Path) -> None:
-    print(f"\ncryospin abinit, box {a.box}, SNR {a.snr}, {a.ranks} rank(s), device {a.device}, --j {a.j}")
+    print(f"\n{describe()}")
+    print(f"cryospin abinit, box {a.box}, SNR {a.snr}, {a.ranks} rank(s), device {a.device}, --j {a.j}")
     print("| N | stage 1 s | first poses s | stage 2 s | outputs s | total s | CPU s | stage-2 img/s | "
           "peak RssAnon MB | FSC0.5 A | true poses A | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
